@@ -1,0 +1,1 @@
+//! latchkey-conformance (to be built)

@@ -1,0 +1,1 @@
+//! latchkey-consul (to be built)

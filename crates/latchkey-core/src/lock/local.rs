@@ -1,0 +1,70 @@
+//! A FIFO queue per lock name inside one handle.
+//!
+//! Backends whose lock entry is keyed by the handle's session or lease (etcd
+//! `<name>/<lease>`, a Consul session, a Redis owner id) would let two tasks
+//! of one handle "share" a held lock. Every adapter therefore queues its own
+//! tasks here first and only the head contends remotely; the remote entry is
+//! deleted before the next local task takes over, so each holder gets a new
+//! entry and a larger fencing token.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+/// Per-name local queues of one handle.
+#[derive(Default, Debug)]
+pub struct LocalQueues {
+    names: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+}
+
+/// The head-of-queue position for one name; dropping it lets the next local
+/// task in.
+#[derive(Debug)]
+pub struct LocalTurn {
+    _guard: OwnedMutexGuard<()>,
+}
+
+impl LocalQueues {
+    /// Empty queues.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn slot(&self, name: &str) -> Arc<AsyncMutex<()>> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget names nobody holds or waits for, so the map does not grow
+        // with every name ever locked.
+        names.retain(|_, m| Arc::strong_count(m) > 1);
+        names.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Waits (FIFO) until this task is the head for `name`. Cancel-safe.
+    pub async fn turn(&self, name: &str) -> LocalTurn {
+        LocalTurn {
+            _guard: self.slot(name).lock_owned().await,
+        }
+    }
+
+    /// The head position if no other local task has it now.
+    pub fn try_turn(&self, name: &str) -> Option<LocalTurn> {
+        self.slot(name)
+            .try_lock_owned()
+            .ok()
+            .map(|g| LocalTurn { _guard: g })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_head_per_name() {
+        let q = LocalQueues::new();
+        let a = q.turn("x").await;
+        assert!(q.try_turn("x").is_none());
+        assert!(q.try_turn("y").is_some());
+        drop(a);
+        assert!(q.try_turn("x").is_some());
+    }
+}

@@ -1,0 +1,1 @@
+//! latchkey-etcd (to be built)

@@ -1,0 +1,1 @@
+//! latchkey-mem (to be built)

@@ -1,0 +1,1 @@
+//! latchkey-redis (to be built)

@@ -1,0 +1,1 @@
+//! latchkey-testkit (to be built)

@@ -1,0 +1,1 @@
+//! latchkey-zookeeper (to be built)
