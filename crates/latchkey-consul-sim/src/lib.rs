@@ -1,0 +1,1 @@
+//! Consul HTTP-API simulator (to be built)
