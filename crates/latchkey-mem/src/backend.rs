@@ -168,10 +168,11 @@ impl MemBackend {
         // The store's deadline is `granted_at + ttl` and renewals only move
         // it later, so the guard's deadline (same start, same TTL) never
         // outlives the store's: lost() fires no later than the store frees it.
-        let trigger = group.add(
-            entry.clone(),
-            tokio::time::Instant::from_std(grant.granted_at),
-        );
+        // Measured back from tokio's clock (not converted from the std
+        // instant) so a runtime with a paused test clock stays consistent.
+        let now = tokio::time::Instant::now();
+        let granted_at = now.checked_sub(grant.granted_at.elapsed()).unwrap_or(now);
+        let trigger = group.add(entry.clone(), granted_at);
         let ops = Arc::new(MemGuardOps {
             store: self.store.clone(),
             ns: self.ns.clone(),

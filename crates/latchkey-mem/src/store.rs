@@ -592,6 +592,12 @@ impl State {
         true
     }
 
+    /// Number of live watchers (tests).
+    #[cfg(test)]
+    pub(crate) fn watcher_count(&self) -> usize {
+        self.watchers.len()
+    }
+
     /// Number of entries queued for a lock (tests and diagnostics).
     pub(crate) fn queue_len(&self, full_name: &str) -> usize {
         self.locks.get(full_name).map_or(0, |s| s.queue.len())
@@ -616,5 +622,115 @@ fn to_kv(full: &str, e: &Entry, ns_len: usize, keys_only: bool) -> KeyValue {
         },
         revision: e.revision,
         lease_ttl: e.ttl,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, id: &str, token: u64) -> LockEntry {
+        LockEntry {
+            name: name.into(),
+            token,
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn hand_over_skips_gone_waiters_and_wakes_exactly_one() {
+        let sh = Shared::new(10, usize::MAX);
+        let ttl = Duration::from_secs(60);
+        let n = full("", "m");
+        let g = sh.run(|st, now| st.try_acquire(&n, "a", ttl, now)).unwrap();
+        let q = |id: &str| match sh.run(|st, now| st.acquire_or_enqueue(&n, id, ttl, now)) {
+            Acquire::Queued { wid, rx } => (wid, rx),
+            Acquire::Granted(_) => panic!("lock is held"),
+        };
+        let (_, rx_b) = q("b");
+        let (_, mut rx_c) = q("c");
+        let (_, mut rx_d) = q("d");
+        drop(rx_b); // b gave up without cleaning up
+        assert!(sh.run(|st, now| st.release(&n, "a", g.token, now)));
+        let gc = rx_c.try_recv().expect("c is next");
+        assert!(gc.token > g.token);
+        assert!(rx_d.try_recv().is_err(), "only one waiter woken");
+        assert!(sh.run(|st, _| st.is_held(&n, &entry("m", "c", gc.token))));
+        // A stale release (old token) does nothing.
+        assert!(!sh.run(|st, now| st.release(&n, "a", g.token, now)));
+        assert_eq!(sh.run(|st, _| st.queue_len(&n)), 1);
+    }
+
+    #[test]
+    fn cancelled_waiter_that_was_granted_passes_the_lock_on() {
+        let sh = Shared::new(10, usize::MAX);
+        let ttl = Duration::from_secs(60);
+        let n = full("ns", "m");
+        let g = sh.run(|st, now| st.try_acquire(&n, "a", ttl, now)).unwrap();
+        let Acquire::Queued { wid: wb, rx: rx_b } =
+            sh.run(|st, now| st.acquire_or_enqueue(&n, "b", ttl, now))
+        else {
+            panic!()
+        };
+        let Acquire::Queued { rx: mut rx_c, .. } =
+            sh.run(|st, now| st.acquire_or_enqueue(&n, "c", ttl, now))
+        else {
+            panic!()
+        };
+        // b is granted the lock but its future is dropped before it sees it.
+        sh.run(|st, now| st.release(&n, "a", g.token, now));
+        drop(rx_b);
+        sh.run(|st, now| st.cancel_wait(&n, wb, "b", now));
+        let gc = rx_c.try_recv().expect("the lock moved on to c");
+        assert_eq!(sh.run(|st, _| st.holder_token(&n)), Some(gc.token));
+        assert_eq!(sh.run(|st, _| st.queue_len(&n)), 0);
+    }
+
+    #[test]
+    fn renew_extends_only_the_current_holding_and_expiry_hands_over() {
+        let sh = Shared::new(10, usize::MAX);
+        let n = full("", "m");
+        let short = Duration::from_millis(20);
+        let g = sh
+            .run(|st, now| st.try_acquire(&n, "a", short, now))
+            .unwrap();
+        let e = entry("m", "a", g.token);
+        assert!(sh.run(|st, now| st.renew(&n, &e, short, now)));
+        assert!(!sh.run(|st, now| st.renew(&n, &entry("m", "a", g.token + 1), short, now)));
+        let Acquire::Queued { rx, .. } =
+            sh.run(|st, now| st.acquire_or_enqueue(&n, "b", short, now))
+        else {
+            panic!()
+        };
+        std::thread::sleep(short * 2);
+        // The next request (or the sweeper) expires the holder first.
+        assert!(!sh.run(|st, now| st.renew(&n, &e, short, now)));
+        let gb = rx.blocking_recv().unwrap();
+        assert!(gb.token > g.token);
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_too() {
+        let sh = Shared::new(1000, 100);
+        sh.run(|st, now| {
+            for i in 0..10 {
+                let r = st.next_rev();
+                st.write_put(
+                    &full("", &format!("k{i}")),
+                    Bytes::from(vec![0; 40]),
+                    None,
+                    r,
+                    now,
+                );
+            }
+        });
+        let (tx, _rx) = futures::channel::mpsc::unbounded();
+        let err = sh
+            .run(|st, _| st.watch(full("", ""), 1, Some(1), tx))
+            .unwrap_err();
+        match err {
+            Error::Compacted { oldest } => assert!(oldest > 1 && oldest <= 10, "{oldest}"),
+            e => panic!("{e}"),
+        }
     }
 }

@@ -451,3 +451,64 @@ async fn urls() {
     }
     assert!(connect(BackendUrl::parse("mem://").unwrap()).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_locks_renew_in_one_request_per_tick() {
+    let s = MemStore::new();
+    let h = s.handle("many").unwrap();
+    let ttl = Duration::from_millis(300);
+    let mut guards = Vec::new();
+    for i in 0..2000 {
+        guards.push(
+            h.try_lock(&format!("l{i}"), LockOptions::ttl(ttl))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let before = h.op_count();
+    tokio::time::sleep(ttl * 3).await;
+    let renewals = h.op_count() - before;
+    // About 9 ticks (every TTL/3), one request each: far fewer than 2000.
+    assert!((3..=30).contains(&renewals), "{renewals} requests");
+    assert!(guards.iter().all(|g| !g.is_lost()));
+    let other = s.handle("many").unwrap();
+    assert!(other
+        .try_lock("l1999", LockOptions::ttl(ttl))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_slow_watcher_never_blocks_writers_nor_loses_events() {
+    let h = MemStore::new().handle("").unwrap();
+    let mut w = h.watch("k", None).await.unwrap();
+    let mut last = 0;
+    for i in 0..20_000u32 {
+        last = h
+            .put(
+                "k",
+                Bytes::from(i.to_be_bytes().to_vec()),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..20_000u32 {
+        let ev = next(&mut w).await;
+        assert_eq!(ev.value, Bytes::from(i.to_be_bytes().to_vec()));
+    }
+    assert_eq!(last, 20_000);
+}
+
+#[tokio::test]
+async fn dropped_watch_is_forgotten() {
+    let h = MemStore::new().handle("").unwrap();
+    for _ in 0..10 {
+        drop(h.watch("", None).await.unwrap());
+    }
+    h.put("k", b("v"), PutOptions::default()).await.unwrap();
+    let n = h.store().shared().run(|st, _| st.watcher_count());
+    assert_eq!(n, 0);
+}
