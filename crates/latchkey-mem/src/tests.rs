@@ -512,3 +512,45 @@ async fn dropped_watch_is_forgotten() {
     let n = h.store().shared().run(|st, _| st.watcher_count());
     assert_eq!(n, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusion_and_increasing_tokens_under_contention() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let s = MemStore::new();
+    let counter = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        // Two tasks per handle: local queueing and remote queueing both used.
+        let h = s.handle("c").unwrap();
+        for _ in 0..2 {
+            let (h, counter, tokens) = (h.clone(), counter.clone(), tokens.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    let g = h
+                        .lock("ctr", LockOptions::ttl(Duration::from_secs(5)))
+                        .await
+                        .unwrap();
+                    // A non-atomic read-modify-write: only exclusion keeps it exact.
+                    let v = counter.load(Ordering::SeqCst);
+                    tokens.lock().unwrap().push(g.fencing_token());
+                    if t % 2 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    counter.store(v + 1, Ordering::SeqCst);
+                    g.release().await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        timeout(Duration::from_secs(30), t).await.unwrap().unwrap();
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 800);
+    let tokens = tokens.lock().unwrap();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens increase in acquisition order"
+    );
+}
