@@ -1,0 +1,339 @@
+//! What a case is, the context it runs in, and the helpers cases share:
+//! typed failures whose messages name what was expected, capability gates,
+//! timing bounds derived from [`Capabilities`], and deadline-bounded polling.
+
+use crate::harness::Harness;
+use futures::future::BoxFuture;
+use latchkey_core::{Backend, Bytes, Capabilities, Error, KvStore, ListOptions, LockOptions};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A case failed: the message says what was expected and what happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fail(pub String);
+
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail(format!("unexpected error: {e} ({e:?})"))
+    }
+}
+
+/// What a case returns.
+pub type CaseResult = Result<(), Fail>;
+
+/// Adds what was being done to an unexpected backend error.
+pub(crate) trait ErrCtx<T> {
+    /// `Err(e)` becomes a [`Fail`] naming `what`.
+    fn ctx(self, what: impl fmt::Display) -> Result<T, Fail>;
+}
+
+impl<T> ErrCtx<T> for latchkey_core::Result<T> {
+    fn ctx(self, what: impl fmt::Display) -> Result<T, Fail> {
+        self.map_err(|e| Fail(format!("{what}: unexpected error: {e} ({e:?})")))
+    }
+}
+
+/// Fails the case with a formatted message unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err($crate::case::Fail(format!($($fmt)+)));
+        }
+    };
+}
+pub(crate) use ensure;
+
+/// Fails unless `actual == expected`, naming `what`.
+macro_rules! ensure_eq {
+    ($actual:expr, $expected:expr, $($what:tt)+) => {{
+        let (a, e) = (&$actual, &$expected);
+        if a != e {
+            return Err($crate::case::Fail(format!(
+                "expected {} to be {:?}, got {:?}", format!($($what)+), e, a
+            )));
+        }
+    }};
+}
+pub(crate) use ensure_eq;
+
+/// Fails unless `result` is an `Err` matching `pattern`; names `what`.
+macro_rules! expect_err {
+    ($result:expr, $pattern:pat, $($what:tt)+) => {{
+        match $result {
+            Err($pattern) => {}
+            Err(e) => {
+                return Err($crate::case::Fail(format!(
+                    "expected {} from {}, got the error {e} ({e:?})",
+                    stringify!($pattern), format!($($what)+)
+                )))
+            }
+            Ok(_) => {
+                return Err($crate::case::Fail(format!(
+                    "expected {} from {}, but it succeeded",
+                    stringify!($pattern), format!($($what)+)
+                )))
+            }
+        }
+    }};
+}
+pub(crate) use expect_err;
+
+/// Says why a case cannot run on a backend (`Some(reason)`), or `None`.
+pub type Gate = fn(&Capabilities) -> Option<String>;
+
+/// One conformance case.
+#[derive(Clone)]
+pub struct Case {
+    /// `<area>::<behaviour>`, the trial's name.
+    pub name: &'static str,
+    /// What the case asserts (its doc comment).
+    pub doc: &'static str,
+    /// True if the case is unfit for a live deployment: it abandons leases
+    /// that then linger until they expire, puts sustained load on the
+    /// server, or writes large values. Non-destructive cases only write
+    /// small data inside their own fresh namespace and clean it up; the
+    /// CLI's `latchkey check` runs only those.
+    pub destructive: bool,
+    pub(crate) gate: Option<Gate>,
+    pub(crate) run: fn(Cx) -> BoxFuture<'static, CaseResult>,
+}
+
+impl Case {
+    pub(crate) fn new(
+        name: &'static str,
+        doc: &'static str,
+        run: fn(Cx) -> BoxFuture<'static, CaseResult>,
+    ) -> Self {
+        Case {
+            name,
+            doc,
+            destructive: false,
+            gate: None,
+            run,
+        }
+    }
+    pub(crate) fn destructive(mut self, yes: bool) -> Self {
+        self.destructive = yes;
+        self
+    }
+    pub(crate) fn gate(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+    /// The area: the part of the name before `::`.
+    pub fn area(&self) -> &'static str {
+        self.name.split("::").next().unwrap_or(self.name)
+    }
+    /// Why this case cannot run on a backend with `caps`, if it cannot.
+    pub fn ruled_out_by(&self, caps: &Capabilities) -> Option<String> {
+        self.gate.and_then(|g| g(caps))
+    }
+    /// The doc text as plain lines (leading spaces of doc comments removed).
+    pub fn description(&self) -> String {
+        self.doc
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim()
+            .to_string()
+    }
+}
+
+impl fmt::Debug for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Case")
+            .field("name", &self.name)
+            .field("destructive", &self.destructive)
+            .finish()
+    }
+}
+
+/// The context a case runs in: its fresh namespace, the harness to open
+/// handles with, and the backend's capabilities.
+#[derive(Clone)]
+pub struct Cx {
+    harness: Arc<dyn Harness>,
+    ns: String,
+    caps: Capabilities,
+    used: Arc<Mutex<Vec<String>>>,
+}
+
+impl Cx {
+    pub(crate) fn new(harness: Arc<dyn Harness>, ns: String, caps: Capabilities) -> Self {
+        Cx {
+            harness,
+            used: Arc::new(Mutex::new(vec![ns.clone()])),
+            ns,
+            caps,
+        }
+    }
+
+    /// The case's namespace.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// The backend's capabilities.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Opens a new independent handle in the case's namespace.
+    pub async fn open(&self) -> Result<Arc<dyn Backend>, Fail> {
+        self.open_ns(&self.ns.clone()).await
+    }
+
+    /// Opens `n` independent handles in the case's namespace.
+    pub async fn open_n(&self, n: usize) -> Result<Vec<Arc<dyn Backend>>, Fail> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.open().await?);
+        }
+        Ok(v)
+    }
+
+    /// Opens a handle in a second namespace, derived from the case's
+    /// (`<ns>-<suffix>`), for isolation cases. It is cleaned up too.
+    pub async fn open_other(&self, suffix: &str) -> Result<Arc<dyn Backend>, Fail> {
+        let ns = format!("{}-{suffix}", self.ns);
+        {
+            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+            if !used.contains(&ns) {
+                used.push(ns.clone());
+            }
+        }
+        self.open_ns(&ns).await
+    }
+
+    async fn open_ns(&self, ns: &str) -> Result<Arc<dyn Backend>, Fail> {
+        self.harness
+            .open(ns)
+            .await
+            .map_err(|e| Fail(format!("the harness could not open a handle in {ns:?}: {e}")))
+    }
+
+    pub(crate) fn namespaces(&self) -> Vec<String> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn harness(&self) -> &Arc<dyn Harness> {
+        &self.harness
+    }
+
+    /// A TTL for KV keys that is short but honoured: `min_ttl`, at least 500 ms.
+    pub fn short_kv_ttl(&self) -> Duration {
+        self.caps.min_ttl.max(Duration::from_millis(500))
+    }
+
+    /// A lock TTL short enough to wait out: `min_ttl`, at least 1 s (the
+    /// renewal loop then ticks every ~330 ms, comfortably on a busy machine).
+    pub fn short_lock_ttl(&self) -> Duration {
+        let t = self.caps.min_ttl.max(Duration::from_secs(1));
+        match self.caps.max_lock_ttl {
+            Some(max) => t.min(max),
+            None => t,
+        }
+    }
+
+    /// A lock TTL long enough never to expire during a case (30 s, bounded
+    /// by `max_lock_ttl`): a lock that is freed early was freed by the
+    /// behaviour under test, not by expiry.
+    pub fn long_lock_ttl(&self) -> Duration {
+        let t = Duration::from_secs(30);
+        match self.caps.max_lock_ttl {
+            Some(max) => t.min(max),
+            None => t,
+        }
+    }
+
+    /// Lock options with the long TTL.
+    pub fn long_lock(&self) -> LockOptions {
+        LockOptions::ttl(self.long_lock_ttl())
+    }
+
+    /// The latest a thing with this TTL may still be seen: TTL + declared
+    /// granularity, plus scheduling slack for a loaded test machine.
+    pub fn expiry_bound(&self, ttl: Duration) -> Duration {
+        ttl + self.caps.ttl_granularity + Duration::from_millis(750)
+    }
+
+    /// How soon a waiter must get a released lock: well under the long TTL
+    /// (a waiter that only retried at expiry would miss it), and generous,
+    /// since this is not a speed test.
+    pub fn wake_bound(&self) -> Duration {
+        (self.long_lock_ttl() / 2).min(Duration::from_secs(2))
+    }
+}
+
+/// `s` as bytes.
+pub(crate) fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Polls `cond` (every 10–20 ms) until it yields `Some`, or fails after
+/// `within` with a message naming `what`. For waiting on time passing (TTL
+/// expiry) or on eventually visible effects; never a substitute for an event
+/// the API offers.
+pub(crate) async fn poll_until<T, F, Fut>(within: Duration, what: &str, mut cond: F) -> Result<T, Fail>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, Fail>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = cond().await? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(Fail(format!("expected {what} within {within:?}, it did not happen")));
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+/// Every key visible in the handle's namespace (keys only).
+pub(crate) async fn all_keys(h: &dyn KvStore) -> Result<Vec<String>, Fail> {
+    Ok(h.list("", ListOptions { limit: None, keys_only: true })
+        .await
+        .ctx("list(\"\") of the namespace")?
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect())
+}
+
+/// Capability gates: each returns the reason a case cannot run.
+pub(crate) mod gates {
+    use latchkey_core::Capabilities;
+
+    pub fn watch_resume(c: &Capabilities) -> Option<String> {
+        (!c.watch_resume).then(|| "needs watch_resume".into())
+    }
+    pub fn native_ttl(c: &Capabilities) -> Option<String> {
+        (!c.native_ttl).then(|| "needs native_ttl".into())
+    }
+    pub fn watch_expiry(c: &Capabilities) -> Option<String> {
+        if !c.native_ttl {
+            Some("needs native_ttl".into())
+        } else if !c.watch_reports_expiry {
+            Some("needs watch_reports_expiry".into())
+        } else {
+            None
+        }
+    }
+    pub fn global_revision(c: &Capabilities) -> Option<String> {
+        (!c.global_revision).then(|| "needs global_revision".into())
+    }
+    pub fn linearizable_reads(c: &Capabilities) -> Option<String> {
+        (!c.linearizable_reads).then(|| "needs linearizable_reads".into())
+    }
+}

@@ -1,0 +1,122 @@
+//! Fenced writes: `Compare::held(&guard)` commits a write only while that
+//! guard's holding still exists.
+
+use crate::case::{b, ensure, ensure_eq, Cx, CaseResult, ErrCtx, Fail};
+use latchkey_core::{Compare, LockGuard, Op, OpResult, PutOptions, TxnRequest};
+
+fn fenced(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
+    TxnRequest::new().when([Compare::held(g)]).then([Op::put(key, value.to_string())]).otherwise([Op::get(key)])
+}
+
+cases! {
+    /// While a guard is held, a txn `when held(guard)` commits its writes.
+    #[case("fence::held_guard_write_commits")]
+    async fn held_commits(cx: Cx) -> CaseResult {
+        let h = cx.open().await?;
+        let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
+        let o = h.txn(fenced(&g, "f", "1")).await.ctx("fenced write")?;
+        ensure!(o.succeeded, "expected a fenced write with a held guard to commit");
+        ensure_eq!(h.get("f").await.ctx("get f")?.map(|kv| kv.value), Some(b("1")), "the fenced key");
+        g.release().await.ctx("release")?;
+        Ok(())
+    }
+
+    /// After the holder released and another handle took the lock, the old
+    /// guard's fenced write fails (running its `otherwise` branch, writing
+    /// nothing) and the new holder's commits.
+    #[case("fence::released_guard_write_fails")]
+    async fn released_fails(cx: Cx) -> CaseResult {
+        let (a, c) = (cx.open().await?, cx.open().await?);
+        let old = a.lock("x", cx.long_lock()).await.ctx("lock")?;
+        ensure!(a.txn(fenced(&old, "f", "old-1")).await.ctx("fenced write")?.succeeded, "expected the holder's fenced write to commit");
+        old.release().await.ctx("release")?;
+        let new = c.lock("x", cx.long_lock()).await.ctx("lock by the second handle")?;
+        let o = a.txn(fenced(&old, "f", "old-2")).await.ctx("fenced write with the released guard")?;
+        ensure!(!o.succeeded, "expected a fenced write with a released guard to fail");
+        match o.results.first() {
+            Some(OpResult::Get(Some(kv))) => ensure_eq!(kv.value, b("old-1"), "the value read by the otherwise branch"),
+            other => return Err(Fail(format!("expected the otherwise branch's get of f, got {other:?}"))),
+        }
+        ensure!(c.txn(fenced(&new, "f", "new")).await.ctx("fenced write with the new guard")?.succeeded, "expected the new holder's fenced write to commit");
+        ensure_eq!(c.get("f").await.ctx("get f")?.map(|kv| kv.value), Some(b("new")), "the fenced key");
+        new.release().await.ctx("release")?;
+        Ok(())
+    }
+
+    /// A guard's holding is data, not a connection: a fenced write with
+    /// `held(guard)` sent through another handle of the namespace commits
+    /// while the guard is held and fails after its release.
+    #[case("fence::held_checked_from_another_handle")]
+    async fn other_handle(cx: Cx) -> CaseResult {
+        let (a, c) = (cx.open().await?, cx.open().await?);
+        let g = a.lock("x", cx.long_lock()).await.ctx("lock")?;
+        ensure!(c.txn(fenced(&g, "f", "1")).await.ctx("fenced write via another handle")?.succeeded,
+            "expected a fenced write with a held guard to commit when sent through another handle");
+        g.release().await.ctx("release")?;
+        ensure!(!c.txn(fenced(&g, "f", "2")).await.ctx("fenced write via another handle")?.succeeded,
+            "expected a fenced write with a released guard to fail through another handle");
+        Ok(())
+    }
+
+    /// Re-locking on the same handle makes a new holding: the old guard's
+    /// `held` is false, the new one's true, and the new token is larger.
+    #[case("fence::reacquire_makes_old_guard_stale")]
+    async fn reacquire(cx: Cx) -> CaseResult {
+        let h = cx.open().await?;
+        let g1 = h.lock("x", cx.long_lock()).await.ctx("lock")?;
+        g1.release().await.ctx("release")?;
+        let g2 = h.lock("x", cx.long_lock()).await.ctx("lock again")?;
+        ensure!(g2.fencing_token() > g1.fencing_token(), "expected the second holding's token > {}, got {}", g1.fencing_token(), g2.fencing_token());
+        ensure!(!h.txn(fenced(&g1, "f", "1")).await.ctx("fenced write, old guard")?.succeeded, "expected the released first guard's fenced write to fail while the same handle holds the lock again");
+        ensure!(h.txn(fenced(&g2, "f", "2")).await.ctx("fenced write, new guard")?.succeeded, "expected the current guard's fenced write to commit");
+        g2.release().await.ctx("release")?;
+        Ok(())
+    }
+
+    /// `held` combines with other compares: the write commits only if the
+    /// guard is held AND the value compare holds.
+    #[case("fence::held_with_value_compare")]
+    async fn held_and_value(cx: Cx) -> CaseResult {
+        let h = cx.open().await?;
+        h.put("state", b("active"), PutOptions::default()).await.ctx("put state")?;
+        let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
+        let t = |v: &str| TxnRequest::new().when([Compare::held(&g), Compare::value("state", v.to_string())]).then([Op::put("state", "inactive")]);
+        ensure!(!h.txn(t("other")).await.ctx("txn")?.succeeded, "expected held ∧ value(state) = \"other\" to fail");
+        ensure!(h.txn(t("active")).await.ctx("txn")?.succeeded, "expected held ∧ value(state) = \"active\" to commit");
+        ensure_eq!(h.get("state").await.ctx("get")?.map(|kv| kv.value), Some(b("inactive")), "state after the fenced write");
+        g.release().await.ctx("release")?;
+        Ok(())
+    }
+
+    /// 4 workers on 4 handles × 10 increments of a counter, each under the
+    /// lock with a fenced write (`held ∧ revision unchanged`), end at exactly
+    /// 40, and no fenced write of a current holder is ever refused.
+    #[case("fence::counter_under_lock_4x10")]
+    async fn counter(cx: Cx) -> CaseResult {
+        let hs = cx.open_n(4).await?;
+        let mut tasks = Vec::new();
+        for h in hs.clone() {
+            let opts = cx.long_lock();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    let g = h.lock("counter-lock", opts.clone()).await.ctx("lock")?;
+                    let cur = h.get("counter").await.ctx("get counter")?;
+                    let (n, cmp) = match &cur {
+                        None => (0, Compare::absent("counter")),
+                        Some(kv) => (std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(1_000_000),
+                                     Compare::revision("counter", latchkey_core::CmpOp::Equal, kv.revision)),
+                    };
+                    let o = h.txn(TxnRequest::new().when([Compare::held(&g), cmp]).then([Op::put("counter", (n + 1).to_string())])).await.ctx("fenced increment")?;
+                    ensure!(o.succeeded, "expected the fenced increment of the current holder (token {}) to commit", g.fencing_token());
+                    g.release().await.ctx("release")?;
+                }
+                Ok::<_, Fail>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| Fail(format!("a worker panicked: {e}")))??;
+        }
+        ensure_eq!(hs[0].get("counter").await.ctx("get counter")?.map(|kv| kv.value), Some(b("40")), "the counter after 4×10 fenced increments");
+        Ok(())
+    }
+}
