@@ -1,0 +1,379 @@
+//! Locks: Curator's `InterProcessMutex` layout, one ZooKeeper session per
+//! distinct lock TTL, fencing tokens from `czxid`.
+//!
+//! - **Layout.** Lock `x` of namespace `ns` is the persistent znode
+//!   `<chroot>/latchkey/ns/<ns>/locks/<escaped x>` (no namespace:
+//!   `/latchkey/default/locks/<escaped x>`); each contender creates an
+//!   ephemeral-sequential child `_c_<uuid>-lock-<seq>` (Curator's protected
+//!   name); the lowest sequence holds the lock, each waiter watches only its
+//!   predecessor. Blocking acquisition uses `zookeeper-client`'s own recipe
+//!   ([`zk::Client::lock`] with [`zk::LockPrefix::new_curator`]), which also
+//!   finds its entry again by the uuid when the create's reply was lost and
+//!   deletes its entry when the wait is cancelled. The lock dir is created
+//!   persistent, never as a container, so it is never reaped under a waiter.
+//! - **Fencing token** = the entry's `czxid`: global, never reused. (The
+//!   sequence suffix is the parent's 32-bit child counter; it restarts if
+//!   the parent is recreated, so it is not a token.)
+//! - **TTL = session timeout.** An entry is ephemeral: it dies with its
+//!   session. So each distinct TTL gets its own session with that timeout
+//!   (clamped by the server to `[minSessionTimeout, maxSessionTimeout]`,
+//!   `2..20 × tickTime` by default; declared as `min_ttl` / `max_lock_ttl`).
+//!   All locks and waiters of that TTL share that one session.
+//! - **`lost()`.** Core's [`RenewalGroup`] per session: every TTL/3 one
+//!   `multi` read checks that every member entry still exists. A reply
+//!   proves the session was alive when the request was *sent*, so the
+//!   server cannot expire it before `sent + timeout`; when that deadline
+//!   passes without a newer reply (e.g. disconnected), `lost()` fires. A
+//!   vanished entry, or an expired session, fires it at the next check.
+//!   A disconnection that recovers within the deadline is not a loss.
+//! - **Abandon.** Stopping renewal alone would not free anything (the
+//!   client library keeps the session alive), and closing the session would
+//!   free every lock of that TTL at once. So abandon stops renewing the
+//!   entry (its `lost()` fires at its deadline) and deletes the entry one TTL
+//!   later, which is when the server would have freed it had the holder died.
+
+use crate::conn::ConnCfg;
+use crate::error::{is_session_gone, is_transport, map, Kind};
+use crate::keys::encode_key;
+use async_trait::async_trait;
+use latchkey_core::lock::local::{LocalQueues, LocalTurn};
+use latchkey_core::{
+    CancelOnDrop, Error, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+/// The lock name part of Curator's entry names (`InterProcessMutex`).
+const LOCK_NAME: &str = "lock-";
+/// Entries checked per renewal request.
+const RENEW_BATCH: usize = 512;
+
+/// One session and the renewal loop of the locks it holds.
+pub(crate) struct LockSession {
+    client: zk::Client,
+    ttl: Duration,
+    group: Arc<RenewalGroup>,
+}
+
+impl LockSession {
+    fn usable(&self) -> bool {
+        !self.group.is_dead() && !self.client.state().is_terminated()
+    }
+}
+
+/// The lock side of a handle.
+pub(crate) struct Locks {
+    cfg: ConnCfg,
+    dir: String,
+    acls: zk::Acls<'static>,
+    bounds: (Duration, Duration),
+    sessions: tokio::sync::Mutex<HashMap<Duration, Arc<LockSession>>>,
+    local: LocalQueues,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((5u64 << attempt.min(5)).min(200))
+}
+
+impl Locks {
+    pub fn new(cfg: ConnCfg, dir: String, acls: zk::Acls<'static>, bounds: (Duration, Duration)) -> Self {
+        Locks {
+            cfg,
+            dir,
+            acls,
+            bounds,
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
+            local: LocalQueues::new(),
+        }
+    }
+
+    /// The lock dir of `name`.
+    pub fn dir_of(&self, name: &str) -> String {
+        format!("{}/{}", self.dir, encode_key(name))
+    }
+
+    /// Could `id` be a lock entry of ours (a znode path)?
+    pub fn is_entry_path(&self, id: &str) -> bool {
+        id.starts_with('/') && id.contains("/_c_")
+    }
+
+    /// The session for locks with `ttl`, opened on first use and replaced
+    /// once expired.
+    async fn session(&self, ttl: Duration) -> Result<Arc<LockSession>> {
+        let ttl = ttl.clamp(self.bounds.0, self.bounds.1);
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(&ttl).filter(|s| s.usable()) {
+            return Ok(s.clone());
+        }
+        let client = self.cfg.connect(ttl).await?;
+        let granted = client.session_timeout();
+        let renewer = Arc::new(ZkRenewer { client: client.clone() });
+        let group = Arc::new(RenewalGroup::spawn(granted, renewer));
+        let s = Arc::new(LockSession {
+            client,
+            ttl: granted,
+            group,
+        });
+        sessions.insert(ttl, s.clone());
+        Ok(s)
+    }
+
+    fn guard(&self, name: &str, path: String, czxid: i64, sess: Arc<LockSession>, sent: Instant, turn: LocalTurn) -> LockGuard {
+        let entry = LockEntry {
+            name: name.to_string(),
+            token: czxid as u64,
+            id: path,
+        };
+        let trigger = sess.group.add(entry.clone(), sent);
+        LockGuard::new(entry, trigger, Arc::new(ZkGuardOps { sess }), Some(turn))
+    }
+
+    /// Waits for lock `name` (cancel-safe: a dropped wait deletes its entry).
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<LockGuard> {
+        let turn = self.local.turn(name).await;
+        let dir = self.dir_of(name);
+        let what = format!("lock {name:?}");
+        let mut attempt = 0u32;
+        loop {
+            let sess = self.session(ttl).await?;
+            let prefix = zk::LockPrefix::new_curator(&dir, LOCK_NAME)
+                .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+            let dir_opts = zk::CreateMode::Persistent.with_acls(self.acls);
+            let options = zk::LockOptions::new(self.acls)
+                .with_ancestor_options(dir_opts)
+                .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+            let path = match sess.client.lock(prefix, &[], options).await {
+                Ok(lc) => {
+                    let path = lc.lock_path().to_string();
+                    // Release is ours to do (fenced, awaited, idempotent);
+                    // forgetting a borrowed LockClient leaks only its path.
+                    std::mem::forget(lc);
+                    path
+                }
+                Err(e) if is_session_gone(&e) || e == zk::Error::RuntimeInconsistent => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) if is_transport(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(map(e, Kind::Write, &what)),
+            };
+            // Until the guard exists, a cancelled wait must delete the entry.
+            let cleanup = CancelOnDrop::new(delete_entry(sess.client.clone(), path.clone()));
+            loop {
+                let sent = Instant::now();
+                match sess.client.check_stat(&path).await {
+                    Ok(Some(stat)) => {
+                        cleanup.disarm();
+                        return Ok(self.guard(name, path, stat.czxid, sess, sent, turn));
+                    }
+                    Ok(None) => {
+                        // Deleted behind our back (or the session expired)
+                        // before we saw it: contend again.
+                        cleanup.disarm();
+                        break;
+                    }
+                    Err(e) if is_transport(&e) => {
+                        attempt += 1;
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    Err(e) if is_session_gone(&e) => {
+                        cleanup.disarm();
+                        break;
+                    }
+                    Err(e) => {
+                        cleanup.run_now().await;
+                        return Err(map(e, Kind::Read, &what));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes lock `name` if it is free now; never waits.
+    pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<LockGuard>> {
+        let Some(turn) = self.local.try_turn(name) else {
+            return Ok(None);
+        };
+        let sess = self.session(ttl).await?;
+        let dir = self.dir_of(name);
+        let what = format!("try_lock {name:?}");
+        let protected = format!("_c_{}-{LOCK_NAME}", uuid::Uuid::new_v4());
+        let prefix = format!("{dir}/{protected}");
+        let create = zk::CreateMode::EphemeralSequential.with_acls(self.acls);
+        let mut attempt = 0u32;
+        let (path, czxid, sent) = loop {
+            let sent = Instant::now();
+            match sess.client.create(&prefix, &[], &create).await {
+                Ok((stat, seq)) => break (format!("{prefix}{seq}"), stat.czxid, sent),
+                Err(zk::Error::NoNode) => {
+                    sess.client
+                        .mkdir(&dir, &zk::CreateMode::Persistent.with_acls(self.acls))
+                        .await
+                        .map_err(|e| map(e, Kind::Write, &what))?;
+                }
+                Err(e) if is_transport(&e) && attempt < 8 => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                    // The create may have succeeded: find our entry by its
+                    // uuid before trying again, so no orphan is left.
+                    let children = match sess.client.list_children(&dir).await {
+                        Ok(c) => c,
+                        Err(e) if is_transport(&e) => continue,
+                        Err(e) => return Err(map(e, Kind::Read, &what)),
+                    };
+                    if let Some(c) = children.iter().find(|c| c.starts_with(&protected)) {
+                        let path = format!("{dir}/{c}");
+                        let sent = Instant::now();
+                        match sess.client.check_stat(&path).await {
+                            Ok(Some(stat)) => break (path, stat.czxid, sent),
+                            Ok(None) => continue,
+                            Err(e) => {
+                                tokio::spawn(delete_entry(sess.client.clone(), path));
+                                return Err(map(e, Kind::Write, &what));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Outcome unknown: make sure no entry is left behind.
+                    if is_transport(&e) {
+                        tokio::spawn(delete_by_prefix(sess.client.clone(), dir.clone(), protected.clone()));
+                    }
+                    return Err(map(e, Kind::Write, &what));
+                }
+            }
+        };
+        let cleanup = CancelOnDrop::new(delete_entry(sess.client.clone(), path.clone()));
+        let children = match sess.client.list_children(&dir).await {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup.run_now().await;
+                return Err(map(e, Kind::Read, &what));
+            }
+        };
+        let own = sequence_of(&path);
+        let first = children.iter().filter_map(|c| sequence_of(c)).min();
+        if own.is_some() && first == own {
+            cleanup.disarm();
+            Ok(Some(self.guard(name, path, czxid, sess, sent, turn)))
+        } else {
+            cleanup.run_now().await;
+            Ok(None)
+        }
+    }
+}
+
+/// The sequence number of a Curator lock entry (the digits after the last
+/// `lock-`), as Curator sorts them.
+fn sequence_of(name: &str) -> Option<i64> {
+    let i = name.rfind(LOCK_NAME)?;
+    name[i + LOCK_NAME.len()..].parse().ok()
+}
+
+/// Deletes a lock entry of ours; gone already (or session gone, which
+/// deletes it) is fine. Retries transport errors a few times.
+async fn delete_entry(client: zk::Client, path: String) {
+    let _ = delete_entry_checked(&client, &path).await;
+}
+
+async fn delete_entry_checked(client: &zk::Client, path: &str) -> Result<()> {
+    let mut attempt = 0u32;
+    loop {
+        match client.delete(path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => return Ok(()),
+            Err(e) if is_session_gone(&e) => return Ok(()),
+            Err(e) if is_transport(&e) && attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Err(e) => return Err(map(e, Kind::Write, &format!("releasing lock entry {path:?}"))),
+        }
+    }
+}
+
+/// Deletes the entry whose name starts with `protected`, if the create
+/// whose reply was lost made one.
+async fn delete_by_prefix(client: zk::Client, dir: String, protected: String) {
+    for attempt in 0..10u32 {
+        match client.list_children(&dir).await {
+            Ok(children) => {
+                if let Some(c) = children.iter().find(|c| c.starts_with(&protected)) {
+                    let _ = delete_entry_checked(&client, &format!("{dir}/{c}")).await;
+                }
+                return;
+            }
+            Err(e) if is_transport(&e) => tokio::time::sleep(backoff(attempt)).await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// One renewal = one `multi` read of every member entry of the session.
+struct ZkRenewer {
+    client: zk::Client,
+}
+
+#[async_trait]
+impl Renewer for ZkRenewer {
+    async fn renew(&self, members: &[LockEntry]) -> Result<RenewOutcome> {
+        let mut lost = Vec::new();
+        for chunk in members.chunks(RENEW_BATCH) {
+            let mut r = self.client.new_multi_reader();
+            for e in chunk {
+                r.add_get_data(&e.id)
+                    .map_err(|e| map(e, Kind::Read, "renewing locks"))?;
+            }
+            match r.commit().await {
+                Ok(results) => {
+                    for (e, res) in chunk.iter().zip(results) {
+                        if let zk::MultiReadResult::Error { err: zk::Error::NoNode } = res {
+                            lost.push(e.id.clone());
+                        }
+                    }
+                }
+                Err(e) if is_session_gone(&e) => return Ok(RenewOutcome::lease_lost()),
+                Err(e) => return Err(map(e, Kind::Read, "renewing locks")),
+            }
+        }
+        Ok(RenewOutcome {
+            lost,
+            ..RenewOutcome::alive()
+        })
+    }
+}
+
+struct ZkGuardOps {
+    sess: Arc<LockSession>,
+}
+
+#[async_trait]
+impl GuardOps for ZkGuardOps {
+    async fn release(&self, entry: &LockEntry) -> Result<()> {
+        self.sess.group.remove(&entry.id);
+        delete_entry_checked(&self.sess.client, &entry.id).await
+    }
+
+    fn abandon(&self, entry: &LockEntry) {
+        self.sess.group.abandon(&entry.id);
+        let (client, path, ttl) = (self.sess.client.clone(), entry.id.clone(), self.sess.ttl);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(ttl).await;
+                    delete_entry(client, path).await;
+                });
+            }
+            Err(_) => tracing::warn!(lock = %entry.name,
+                "lock abandoned outside a tokio runtime: it is freed when its session ends"),
+        }
+    }
+}
+

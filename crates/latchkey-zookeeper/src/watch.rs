@@ -1,0 +1,186 @@
+//! Watches: one persistent recursive watch on the namespace's data dir.
+//!
+//! ZooKeeper watch events carry a path only and no history, and changes
+//! made while the session was disconnected may arrive as fewer events (or
+//! none). So the stream re-reads a key after each event on it and delivers
+//! its state *then*, skipping states it already delivered; after a
+//! reconnect it re-reads every matching key and delivers what differs. It
+//! therefore always ends on each key's latest state, but may skip
+//! intermediate revisions (`watch_every_revision = false`) and cannot
+//! replay from a revision (`watch_resume = false`).
+
+use crate::backend::ZookeeperBackend;
+use crate::error::{map, Kind, NAME};
+use crate::keys::decode_key;
+use crate::kv::{logical, KeyState};
+use bytes::Bytes;
+use futures::StreamExt;
+use latchkey_core::{Error, EventKind, Result, Revision, WatchEvent, WatchStream};
+use std::collections::BTreeMap;
+use tokio::sync::mpsc::UnboundedSender;
+use zookeeper_client as zk;
+
+/// What the stream last delivered (or saw at its start) for a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    Alive(Revision),
+    Gone(Revision),
+}
+
+impl Known {
+    fn revision(self) -> Revision {
+        match self {
+            Known::Alive(r) | Known::Gone(r) => r,
+        }
+    }
+}
+
+type Tx = UnboundedSender<Result<WatchEvent>>;
+
+/// Starts a watch of keys beginning with `prefix`, from now on.
+pub(crate) async fn start(b: ZookeeperBackend, prefix: String) -> Result<WatchStream> {
+    let kv_dir = b.inner.kv_dir.clone();
+    // Register first, then take the baseline: nothing falls in between.
+    let watcher = b
+        .inner
+        .client
+        .watch(&kv_dir, zk::AddWatchMode::PersistentRecursive)
+        .await
+        .map_err(|e| map(e, Kind::Read, &format!("watch {prefix:?}")))?;
+    let known = snapshot(&b, &prefix).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(run(b, prefix, watcher, known, tx));
+    Ok(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) }).boxed())
+}
+
+/// Every matching key's state now.
+async fn snapshot(b: &ZookeeperBackend, prefix: &str) -> Result<BTreeMap<String, (Known, KeyState)>> {
+    let keys = b.matching_keys(prefix).await?;
+    let mut out = BTreeMap::new();
+    for chunk in keys.chunks(64) {
+        let paths: Vec<String> = chunk.iter().map(|(_, n)| format!("{}/{}", b.inner.kv_dir, n)).collect();
+        let states = b.read_many(&paths, &format!("watch {prefix:?}")).await?;
+        for ((k, _), st) in chunk.iter().zip(states) {
+            let known = match logical(k, &st, true) {
+                Some(kv) => Known::Alive(kv.revision),
+                None => Known::Gone(st.as_ref().map_or(0, |n| n.gone_revision())),
+            };
+            out.insert(k.clone(), (known, st));
+        }
+    }
+    Ok(out)
+}
+
+/// Delivers `key`'s state `st` if it differs from what was last delivered.
+/// False once the receiver is gone.
+fn offer(tx: &Tx, known: &mut BTreeMap<String, Known>, key: &str, st: &KeyState) -> bool {
+    let prev = known.get(key).copied();
+    let ev = match (logical(key, st, false), prev) {
+        (Some(kv), Some(p)) if kv.revision <= p.revision() => return true,
+        (Some(kv), _) => {
+            known.insert(key.to_string(), Known::Alive(kv.revision));
+            WatchEvent {
+                kind: EventKind::Put,
+                key: key.to_string(),
+                value: kv.value,
+                revision: kv.revision,
+            }
+        }
+        (None, Some(Known::Alive(r))) => {
+            // A znode that vanished entirely (deleted by someone else than
+            // latchkey) leaves no zxid to read: report the next one.
+            let rev = st.as_ref().map_or(r + 1, |n| n.gone_revision().max(r + 1));
+            known.insert(key.to_string(), Known::Gone(rev));
+            WatchEvent {
+                kind: EventKind::Delete,
+                key: key.to_string(),
+                value: Bytes::new(),
+                revision: rev,
+            }
+        }
+        (None, _) => return true,
+    };
+    tx.send(Ok(ev)).is_ok()
+}
+
+fn key_of<'a>(kv_dir: &str, path: &'a str) -> Option<&'a str> {
+    let rest = path.strip_prefix(kv_dir)?.strip_prefix('/')?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
+async fn run(
+    b: ZookeeperBackend,
+    prefix: String,
+    mut watcher: zk::PersistentWatcher,
+    baseline: BTreeMap<String, (Known, KeyState)>,
+    tx: Tx,
+) {
+    let mut known: BTreeMap<String, Known> = baseline.into_iter().map(|(k, (kn, _))| (k, kn)).collect();
+    let kv_dir = b.inner.kv_dir.clone();
+    let mut resync = false;
+    loop {
+        let ev = tokio::select! {
+            ev = watcher.changed() => ev,
+            _ = tx.closed() => return,
+        };
+        match ev.event_type {
+            zk::EventType::Session => match ev.session_state {
+                zk::SessionState::Disconnected => resync = true,
+                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                    if std::mem::take(&mut resync) {
+                        match snapshot(&b, &prefix).await {
+                            Ok(now) => {
+                                // Keys that vanished entirely first, then every current state.
+                                let gone: Vec<String> =
+                                    known.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                                for k in gone {
+                                    if !offer(&tx, &mut known, &k, &None) {
+                                        return;
+                                    }
+                                }
+                                for (k, (_, st)) in &now {
+                                    if !offer(&tx, &mut known, k, st) {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(e) if e.is_transient() => resync = true,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    let _ = tx.send(Err(Error::unavailable(
+                        NAME,
+                        format!("watch {prefix:?}: the session ended ({})", ev.session_state),
+                    )));
+                    return;
+                }
+            },
+            _ => {
+                let Some(name) = key_of(&kv_dir, &ev.path) else { continue };
+                let Some(key) = decode_key(name) else { continue };
+                if !key.starts_with(&prefix) {
+                    continue;
+                }
+                let path = format!("{kv_dir}/{name}");
+                match b.read_key(&path, &format!("watch {prefix:?}")).await {
+                    Ok(st) => {
+                        if !offer(&tx, &mut known, &key, &st) {
+                            return;
+                        }
+                    }
+                    // Lost connection: the reconnect's resync catches up.
+                    Err(e) if e.is_transient() => resync = true,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
