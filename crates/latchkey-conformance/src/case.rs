@@ -216,10 +216,11 @@ impl Cx {
     }
 
     async fn open_ns(&self, ns: &str) -> Result<Arc<dyn Backend>, Fail> {
-        self.harness
-            .open(ns)
-            .await
-            .map_err(|e| Fail(format!("the harness could not open a handle in {ns:?}: {e}")))
+        self.harness.open(ns).await.map_err(|e| {
+            Fail(format!(
+                "the harness could not open a handle in {ns:?}: {e}"
+            ))
+        })
     }
 
     pub(crate) fn namespaces(&self) -> Vec<String> {
@@ -284,7 +285,11 @@ pub(crate) fn b(s: &str) -> Bytes {
 /// `within` with a message naming `what`. For waiting on time passing (TTL
 /// expiry) or on eventually visible effects; never a substitute for an event
 /// the API offers.
-pub(crate) async fn poll_until<T, F, Fut>(within: Duration, what: &str, mut cond: F) -> Result<T, Fail>
+pub(crate) async fn poll_until<T, F, Fut>(
+    within: Duration,
+    what: &str,
+    mut cond: F,
+) -> Result<T, Fail>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, Fail>>,
@@ -295,7 +300,9 @@ where
             return Ok(v);
         }
         if Instant::now() >= deadline {
-            return Err(Fail(format!("expected {what} within {within:?}, it did not happen")));
+            return Err(Fail(format!(
+                "expected {what} within {within:?}, it did not happen"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
@@ -303,12 +310,18 @@ where
 
 /// Every key visible in the handle's namespace (keys only).
 pub(crate) async fn all_keys(h: &dyn KvStore) -> Result<Vec<String>, Fail> {
-    Ok(h.list("", ListOptions { limit: None, keys_only: true })
-        .await
-        .ctx("list(\"\") of the namespace")?
-        .into_iter()
-        .map(|kv| kv.key)
-        .collect())
+    Ok(h.list(
+        "",
+        ListOptions {
+            limit: None,
+            keys_only: true,
+        },
+    )
+    .await
+    .ctx("list(\"\") of the namespace")?
+    .into_iter()
+    .map(|kv| kv.key)
+    .collect())
 }
 
 /// Capability gates: each returns the reason a case cannot run.

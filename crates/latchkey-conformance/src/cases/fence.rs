@@ -1,11 +1,14 @@
 //! Fenced writes: `Compare::held(&guard)` commits a write only while that
 //! guard's holding still exists.
 
-use crate::case::{b, ensure, ensure_eq, Cx, CaseResult, ErrCtx, Fail};
+use crate::case::{b, ensure, ensure_eq, CaseResult, Cx, ErrCtx, Fail};
 use latchkey_core::{Compare, LockGuard, Op, OpResult, PutOptions, TxnRequest};
 
 fn fenced(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
-    TxnRequest::new().when([Compare::held(g)]).then([Op::put(key, value.to_string())]).otherwise([Op::get(key)])
+    TxnRequest::new()
+        .when([Compare::held(g)])
+        .then([Op::put(key, value.to_string())])
+        .otherwise([Op::get(key)])
 }
 
 cases! {

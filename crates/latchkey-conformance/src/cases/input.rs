@@ -1,15 +1,24 @@
 //! Input cases: every invalid key, value or argument yields its typed error
 //! and changes nothing.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, Cx, CaseResult, ErrCtx};
+use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx};
 use latchkey_core::{
-    Backend, Bytes, Compare, DeleteOptions, Error, ListOptions,
-    LockOptions, Op, PutOptions, TxnRequest,
+    Backend, Bytes, Compare, DeleteOptions, Error, ListOptions, LockOptions, Op, PutOptions,
+    TxnRequest,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
-const BAD_KEYS: &[&str] = &["", "a\0b", "\0", "line\nbreak", "tab\there", "del\u{7f}", "esc\u{1b}[0m", "c1\u{85}"];
+const BAD_KEYS: &[&str] = &[
+    "",
+    "a\0b",
+    "\0",
+    "line\nbreak",
+    "tab\there",
+    "del\u{7f}",
+    "esc\u{1b}[0m",
+    "c1\u{85}",
+];
 
 fn too_long() -> String {
     "k".repeat(513)
@@ -18,15 +27,26 @@ fn too_long() -> String {
 /// Seeds one key so that "changes nothing" can be checked afterwards.
 async fn seed(cx: &Cx) -> Result<(Arc<dyn Backend>, u64), crate::case::Fail> {
     let h = cx.open().await?;
-    let r = h.put("seed", b("seed"), PutOptions::default()).await.ctx("put seed")?;
+    let r = h
+        .put("seed", b("seed"), PutOptions::default())
+        .await
+        .ctx("put seed")?;
     Ok((h, r))
 }
 
 /// The namespace holds only the seed key, unchanged.
 async fn unchanged(h: &Arc<dyn Backend>, rev: u64) -> CaseResult {
-    ensure_eq!(all_keys(h.as_ref()).await?, vec!["seed"], "the keys of the namespace after rejected calls");
+    ensure_eq!(
+        all_keys(h.as_ref()).await?,
+        vec!["seed"],
+        "the keys of the namespace after rejected calls"
+    );
     let kv = h.get("seed").await.ctx("get seed")?;
-    ensure_eq!(kv.map(|kv| (kv.value, kv.revision)), Some((b("seed"), rev)), "the seed key after rejected calls");
+    ensure_eq!(
+        kv.map(|kv| (kv.value, kv.revision)),
+        Some((b("seed"), rev)),
+        "the seed key after rejected calls"
+    );
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! KV cases: round trips, revisions, compare-and-swap, listing, odd keys,
 //! namespaces, and a linearizability check of concurrent register ops.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, gates, Cx, CaseResult, ErrCtx, Fail};
+use crate::case::{
+    all_keys, b, ensure, ensure_eq, expect_err, gates, CaseResult, Cx, ErrCtx, Fail,
+};
 use crate::checkers::{check_kv, Clock, KvInput, KvOperation, KvOutput, Operation, Verdict};
 use bytes::Bytes;
 use latchkey_core::{DeleteOptions, Error, ListOptions, PutOptions};
@@ -392,18 +394,34 @@ async fn register_client(
     for seq in 0..200 {
         let k = rng.random_range(0..3);
         let key = keys[k];
-        let kind = if reads { rng.random_range(0..3) } else { rng.random_range(1..3) };
+        let kind = if reads {
+            rng.random_range(0..3)
+        } else {
+            rng.random_range(1..3)
+        };
         let value = Bytes::from(format!("c{client}-{seq}"));
         let call = clock.now();
         let (input, result) = match kind {
-            0 => (KvInput::Get, h.get(key).await.map(|kv| KvOutput::Got(kv.map(|kv| (kv.value, kv.revision))))),
+            0 => (
+                KvInput::Get,
+                h.get(key)
+                    .await
+                    .map(|kv| KvOutput::Got(kv.map(|kv| (kv.value, kv.revision)))),
+            ),
             1 => (
-                KvInput::Put { value: value.clone() },
-                h.put(key, value, PutOptions::default()).await.map(KvOutput::Written),
+                KvInput::Put {
+                    value: value.clone(),
+                },
+                h.put(key, value, PutOptions::default())
+                    .await
+                    .map(KvOutput::Written),
             ),
             _ => {
                 let expected = seen[k];
-                let r = match h.put(key, value.clone(), PutOptions::if_revision(expected)).await {
+                let r = match h
+                    .put(key, value.clone(), PutOptions::if_revision(expected))
+                    .await
+                {
                     Ok(r) => Ok(KvOutput::Written(r)),
                     Err(Error::Conflict { current, .. }) => Ok(KvOutput::Conflict(current)),
                     Err(e) => Err(e),
@@ -415,17 +433,25 @@ async fn register_client(
         match result {
             Ok(output) => {
                 match &output {
-                    KvOutput::Got(Some((_, r))) | KvOutput::Written(r) | KvOutput::Conflict(Some(r)) => seen[k] = *r,
+                    KvOutput::Got(Some((_, r)))
+                    | KvOutput::Written(r)
+                    | KvOutput::Conflict(Some(r)) => seen[k] = *r,
                     _ => {}
                 }
-                out.push(KvOperation { key: key.into(), op: Operation::completed(client, input, call, output, ret) });
+                out.push(KvOperation {
+                    key: key.into(),
+                    op: Operation::completed(client, input, call, output, ret),
+                });
             }
             // A failed read changed nothing: leave it out.
             Err(_) if matches!(input, KvInput::Get) => {}
             // A write whose outcome is unknown stays pending to the end, and
             // its client is retired (it never issues another op).
             Err(_) => {
-                out.push(KvOperation { key: key.into(), op: Operation::indeterminate(client, input, call) });
+                out.push(KvOperation {
+                    key: key.into(),
+                    op: Operation::indeterminate(client, input, call),
+                });
                 break;
             }
         }

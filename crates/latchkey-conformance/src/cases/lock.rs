@@ -1,12 +1,9 @@
 //! Lock cases: exclusion (checked over recorded histories), try/wait/cancel
 //! semantics, fencing tokens, release, renewal and expiry of abandoned leases.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, Cx, CaseResult, ErrCtx, Fail};
+use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx, Fail};
 use crate::checkers::{check_exclusion, Clock, Holding};
-use latchkey_core::{
-    Backend, Compare, Error, LockGuard, LockOptions, Op, PutOptions,
-    TxnRequest,
-};
+use latchkey_core::{Backend, Compare, Error, LockGuard, LockOptions, Op, PutOptions, TxnRequest};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +11,11 @@ use tokio::time::Instant;
 
 /// True if `name` is free for `h` right now (takes and releases it).
 async fn is_free(h: &dyn Backend, name: &str, opts: &LockOptions) -> Result<bool, Fail> {
-    match h.try_lock(name, opts.clone()).await.ctx(format!("try_lock {name:?}"))? {
+    match h
+        .try_lock(name, opts.clone())
+        .await
+        .ctx(format!("try_lock {name:?}"))?
+    {
         Some(g) => {
             g.release().await.ctx(format!("release {name:?}"))?;
             Ok(true)

@@ -6,7 +6,7 @@ use crate::case::Case;
 
 /// Defines cases and a `cases()` function registering them:
 ///
-/// ```ignore
+/// ```text
 /// cases! {
 ///     /// What it asserts.
 ///     #[case("kv::name", destructive = true, gate = gates::native_ttl)]

@@ -1,24 +1,29 @@
 //! Txn cases: every compare kind, both branches, results, atomicity and
 //! isolation under concurrency, and the op limit.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, Cx, CaseResult, ErrCtx, Fail};
-use latchkey_core::{
-    CmpOp, Compare, Error, Op, OpResult, PutOptions, Txn, TxnOutcome, TxnRequest,
-};
+use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx, Fail};
+use latchkey_core::{CmpOp, Compare, Error, Op, OpResult, PutOptions, Txn, TxnOutcome, TxnRequest};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn got(o: &TxnOutcome, i: usize) -> Result<Option<(bytes::Bytes, u64)>, Fail> {
     match o.results.get(i) {
         Some(OpResult::Get(kv)) => Ok(kv.as_ref().map(|kv| (kv.value.clone(), kv.revision))),
-        other => Err(Fail(format!("expected result {i} of the txn to be a Get, got {other:?}"))),
+        other => Err(Fail(format!(
+            "expected result {i} of the txn to be a Get, got {other:?}"
+        ))),
     }
 }
 
 async fn branch(h: &dyn Txn, cmp: Compare) -> Result<bool, Fail> {
     let what = format!("txn when [{cmp:?}]");
     let o = h
-        .txn(TxnRequest::new().when([cmp]).then([Op::get("marker")]).otherwise([Op::get("marker")]))
+        .txn(
+            TxnRequest::new()
+                .when([cmp])
+                .then([Op::get("marker")])
+                .otherwise([Op::get("marker")]),
+        )
         .await
         .ctx(&what)?;
     ensure_eq!(o.results.len(), 1, "number of results of {what}");

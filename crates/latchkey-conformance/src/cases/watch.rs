@@ -1,12 +1,11 @@
 //! Watch cases: order, revisions, prefixes, resume, coalescing where the
 //! backend declares it, namespaces, txn writes and expiry.
 
-use crate::case::{b, ensure, ensure_eq, gates, Cx, CaseResult, ErrCtx, Fail};
+use crate::case::{b, ensure, ensure_eq, gates, CaseResult, Cx, ErrCtx, Fail};
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
-    DeleteOptions, EventKind, Op, PutOptions, Revision, TxnRequest, WatchEvent,
-    WatchStream,
+    DeleteOptions, EventKind, Op, PutOptions, Revision, TxnRequest, WatchEvent, WatchStream,
 };
 use std::time::Duration;
 
@@ -15,9 +14,13 @@ const EVENT_WAIT: Duration = Duration::from_secs(10);
 
 async fn next_event(s: &mut WatchStream, what: &str) -> Result<WatchEvent, Fail> {
     match tokio::time::timeout(EVENT_WAIT, s.next()).await {
-        Err(_) => Err(Fail(format!("expected {what} within {EVENT_WAIT:?}, no event came"))),
+        Err(_) => Err(Fail(format!(
+            "expected {what} within {EVENT_WAIT:?}, no event came"
+        ))),
         Ok(None) => Err(Fail(format!("expected {what}, but the watch stream ended"))),
-        Ok(Some(Err(e))) => Err(Fail(format!("expected {what}, the watch failed: {e} ({e:?})"))),
+        Ok(Some(Err(e))) => Err(Fail(format!(
+            "expected {what}, the watch failed: {e} ({e:?})"
+        ))),
         Ok(Some(Ok(ev))) => Ok(ev),
     }
 }
@@ -32,14 +35,27 @@ struct Expect {
 }
 
 fn put(key: &str, value: &str, rev: Revision) -> Expect {
-    Expect { kind: EventKind::Put, key: key.into(), value: b(value), rev: Some(rev) }
+    Expect {
+        kind: EventKind::Put,
+        key: key.into(),
+        value: b(value),
+        rev: Some(rev),
+    }
 }
 fn del(key: &str) -> Expect {
-    Expect { kind: EventKind::Delete, key: key.into(), value: Bytes::new(), rev: None }
+    Expect {
+        kind: EventKind::Delete,
+        key: key.into(),
+        value: Bytes::new(),
+        rev: None,
+    }
 }
 
 fn matches(ev: &WatchEvent, ex: &Expect) -> bool {
-    ev.kind == ex.kind && ev.key == ex.key && ev.value == ex.value && ex.rev.is_none_or_eq(ev.revision)
+    ev.kind == ex.kind
+        && ev.key == ex.key
+        && ev.value == ex.value
+        && ex.rev.is_none_or_eq(ev.revision)
 }
 
 trait RevExt {
@@ -59,7 +75,12 @@ async fn expect_events(cx: &Cx, s: &mut WatchStream, expected: &[Expect]) -> Cas
     let last = expected.last().expect("at least one expected event");
     let mut seen: Vec<WatchEvent> = Vec::new();
     loop {
-        let ev = next_event(s, &format!("an event for {:?} {:?}", last.kind, last.key)).await?;
+        let what = format!("an event for {:?} {:?}", last.kind, last.key);
+        let ev = next_event(s, &what).await.map_err(|Fail(m)| {
+            Fail(format!(
+                "{m}; events seen: {seen:?}; writes made: {expected:?}"
+            ))
+        })?;
         let done = matches(&ev, last);
         seen.push(ev);
         if done || seen.len() > expected.len() * 4 + 10 {
@@ -67,12 +88,24 @@ async fn expect_events(cx: &Cx, s: &mut WatchStream, expected: &[Expect]) -> Cas
         }
     }
     for w in seen.windows(2) {
-        ensure!(w[1].revision > w[0].revision, "expected watch revisions to strictly increase, saw {} then {}: {seen:?}", w[0].revision, w[1].revision);
+        ensure!(
+            w[1].revision > w[0].revision,
+            "expected watch revisions to strictly increase, saw {} then {}: {seen:?}",
+            w[0].revision,
+            w[1].revision
+        );
     }
     if cx.caps().watch_every_revision {
-        ensure_eq!(seen.len(), expected.len(), "number of events (every revision is reported) — seen {seen:?}, expected {expected:?}");
+        ensure_eq!(
+            seen.len(),
+            expected.len(),
+            "number of events (every revision is reported) — seen {seen:?}, expected {expected:?}"
+        );
         for (i, (ev, ex)) in seen.iter().zip(expected).enumerate() {
-            ensure!(matches(ev, ex), "expected event {i} to be {ex:?}, got {ev:?}");
+            ensure!(
+                matches(ev, ex),
+                "expected event {i} to be {ex:?}, got {ev:?}"
+            );
         }
     } else {
         let mut it = expected.iter();

@@ -287,12 +287,20 @@ fn describe_failure<M: Model>(
                 "client {} {:?} -> {:?} [{}..{}]",
                 op.client, op.input, o, op.call, r
             ),
-            None => format!("client {} {:?} -> unknown [{}..]", op.client, op.input, op.call),
+            None => format!(
+                "client {} {:?} -> unknown [{}..]",
+                op.client, op.input, op.call
+            ),
         }
     };
     let mut state = vec![model.init()];
     for &i in best {
-        state = step_all(model, &state, &ops[i].input, ops[i].output.as_ref().map(|o| &o.0));
+        state = step_all(
+            model,
+            &state,
+            &ops[i].input,
+            ops[i].output.as_ref().map(|o| &o.0),
+        );
     }
     let done: HashSet<usize> = best.iter().copied().collect();
     let mut rest: Vec<usize> = (0..ops.len()).filter(|i| !done.contains(i)).collect();
@@ -305,7 +313,9 @@ fn describe_failure<M: Model>(
     for &i in best.iter().rev().take(8).collect::<Vec<_>>().iter().rev() {
         s.push_str(&format!("  .. {}\n", show(*i)));
     }
-    s.push_str(&format!("reaching state {state:?}; none of these can follow it:\n"));
+    s.push_str(&format!(
+        "reaching state {state:?}; none of these can follow it:\n"
+    ));
     for &i in rest.iter().take(8) {
         s.push_str(&format!("  !! {}\n", show(i)));
     }
@@ -434,8 +444,14 @@ impl Model for KvModel {
                 _ => vec![],
             },
             (KvInput::Get, Some(KvOutput::Got(Some((v, r))))) => match s {
-                Present { value, rev: Known(x) } if value == v && x == r => vec![s.clone()],
-                Present { value, rev: After(g) } if value == v && r > g => {
+                Present {
+                    value,
+                    rev: Known(x),
+                } if value == v && x == r => vec![s.clone()],
+                Present {
+                    value,
+                    rev: After(g),
+                } if value == v && r > g => {
                     vec![present(v, Known(*r))]
                 }
                 _ => vec![],
@@ -457,7 +473,13 @@ impl Model for KvModel {
                 (Present { rev: Known(x), .. }, Some(c)) if x == c && x != expected => {
                     vec![s.clone()]
                 }
-                (Present { value, rev: After(g) }, Some(c)) if c > g && c != expected => {
+                (
+                    Present {
+                        value,
+                        rev: After(g),
+                    },
+                    Some(c),
+                ) if c > g && c != expected => {
                     vec![present(value, Known(*c))]
                 }
                 _ => vec![],
@@ -477,7 +499,10 @@ pub fn check_kv(history: &[KvOperation]) -> Verdict {
 pub fn check_kv_with(history: &[KvOperation], budget: Budget) -> Verdict {
     let mut by_key: BTreeMap<&str, Vec<Operation<KvInput, KvOutput>>> = BTreeMap::new();
     for op in history {
-        by_key.entry(op.key.as_str()).or_default().push(op.op.clone());
+        by_key
+            .entry(op.key.as_str())
+            .or_default()
+            .push(op.op.clone());
     }
     let started = Instant::now();
     for (key, ops) in by_key {

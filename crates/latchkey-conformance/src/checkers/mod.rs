@@ -9,9 +9,10 @@
 pub mod exclusion;
 pub mod linearizability;
 
-pub use exclusion::{check_exclusion, Holding, ExclusionViolation};
+pub use exclusion::{check_exclusion, ExclusionViolation, Holding};
 pub use linearizability::{
-    check_kv, check_kv_with, check_operations, Budget, KvInput, KvModel, KvOperation, KvOutput, Model, Operation, Verdict,
+    check_kv, check_kv_with, check_operations, Budget, KvInput, KvModel, KvOperation, KvOutput,
+    Model, Operation, Verdict,
 };
 
 use std::time::Instant;

@@ -1,0 +1,114 @@
+//! The suite tested against deliberately broken backends (wrappers over
+//! mem with one bug each): each bug must make its specific cases fail,
+//! while the same cases pass on a pass-through wrapper (so the failure is
+//! the bug's, not the wrapper's).
+
+mod broken;
+
+use broken::{harness, Bug};
+use latchkey_conformance::{find_case, run_case, Outcome};
+
+async fn outcome(bug: Bug, name: &str) -> Outcome {
+    let case = find_case(name).unwrap_or_else(|| panic!("no case named {name}"));
+    run_case(&case, harness(bug)).await
+}
+
+/// Asserts that each named case passes on the control wrapper and fails
+/// with `bug`; prints the failure messages so the output shows why.
+async fn caught(bug: Bug, names: &[&str]) {
+    for name in names {
+        let control = outcome(Bug::None, name).await;
+        assert_eq!(
+            control,
+            Outcome::Passed,
+            "{name} must pass on the pass-through wrapper"
+        );
+        match outcome(bug, name).await {
+            Outcome::Failed(msg) => {
+                let first = msg.lines().next().unwrap_or("");
+                println!("{bug:?} caught by {name}: {first}");
+            }
+            other => panic!("expected {name} to fail on a backend with bug {bug:?}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_atomic_cas_is_caught() {
+    caught(
+        Bug::NonAtomicCas,
+        &[
+            "kv::concurrent_cas_counter",
+            "txn::concurrent_increments_8x50",
+            "kv::linearizable_history",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_revision_is_caught() {
+    caught(
+        Bug::ReusedRevision,
+        &[
+            "kv::delete_recreate_never_reuses_revision",
+            "ttl::recreate_after_expiry_gets_new_revision",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_monotonic_token_is_caught() {
+    caught(
+        Bug::NonMonotonicToken,
+        &[
+            "lock::tokens_increase_100_holders",
+            "lock::exclusion_8_tasks_checked",
+            "lock::same_handle_tasks_exclude",
+            "fence::reacquire_makes_old_guard_stale",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_excluding_lock_is_caught() {
+    caught(
+        Bug::NonExcludingLock,
+        &[
+            "lock::try_lock_free_then_held",
+            "lock::exclusion_8_tasks_checked",
+            "lock::same_handle_tasks_exclude",
+            "lock::renewal_keeps_alive_5x_ttl",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_dropping_events_is_caught() {
+    caught(
+        Bug::WatchDropsEvents,
+        &[
+            "watch::sees_puts_and_deletes_in_order",
+            "watch::rapid_puts_end_on_final_value",
+            "watch::resume_replays_missed",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_ttl_is_caught() {
+    caught(
+        Bug::TtlIgnored,
+        &["ttl::key_expires", "ttl::txn_put_with_ttl_expires"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_never_firing_is_caught() {
+    caught(Bug::LostNeverFires, &["lock::abandoned_lease_expires"]).await;
+}
