@@ -8,7 +8,9 @@
 //! - `%` and `/` are percent-encoded (`%25`, `%2F`);
 //! - characters ZooKeeper refuses in paths (U+007F–U+009F, U+E000–U+F8FF,
 //!   U+FFF0–U+FFFF; control characters never reach here, core rejects them)
-//!   are percent-encoded byte by byte (UTF-8);
+//!   are percent-encoded byte by byte (UTF-8), and so is every character
+//!   outside the BMP (the server validates UTF-16, where such a character is
+//!   a surrogate pair, which it refuses);
 //! - a key that is exactly `.` or `..` has its dots encoded (`%2E`), since
 //!   ZooKeeper refuses those as segments.
 //!
@@ -54,6 +56,9 @@ fn must_escape(c: char) -> bool {
         || (0x7f..=0x9f).contains(&u)
         || (0xd800..=0xf8ff).contains(&u)
         || (0xfff0..=0xffff).contains(&u)
+        // Outside the BMP: the server checks UTF-16 code units, and a
+        // surrogate pair falls in the refused U+D800–U+F8FF range.
+        || u > 0xffff
 }
 
 fn push_escaped(out: &mut String, c: char) {
@@ -184,6 +189,7 @@ mod tests {
             "%2F",
             "with space",
             "ünïcödé ✓",
+            "emoji🔒",
             "\u{e000}\u{f8ff}\u{fff0}\u{fffd}\u{ffff}",
             "\u{7f}\u{85}",
             "zookeeper",

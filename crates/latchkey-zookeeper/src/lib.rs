@@ -61,7 +61,7 @@ pub use backend::{ReadMode, ZookeeperBackend, MAX_TXN_OPS};
 
 use async_trait::async_trait;
 use latchkey_core::{
-    validate, with_wait, Backend, BackendUrl, DistributedLock, LockGuard, LockOptions, Result,
+    validate, with_wait, Backend, BackendUrl, Error, DistributedLock, LockGuard, LockOptions, Result,
 };
 use std::sync::Arc;
 
@@ -78,6 +78,13 @@ impl DistributedLock for ZookeeperBackend {
     async fn lock(&self, name: &str, opts: LockOptions) -> Result<LockGuard> {
         validate::lock_name(name)?;
         validate::ttl(opts.ttl)?;
+        if opts.wait == Some(std::time::Duration::ZERO) {
+            // "Try once": one attempt, however long its round trips take.
+            return self.inner.locks.try_lock(name, opts.ttl).await?.ok_or_else(|| Error::Timeout {
+                what: format!("waiting for lock {name:?} on zookeeper"),
+                after: std::time::Duration::ZERO,
+            });
+        }
         with_wait(
             opts.wait,
             || format!("waiting for lock {name:?} on zookeeper"),
