@@ -80,10 +80,18 @@ impl ConnCfg {
         {
             return Ok(*b);
         }
-        let (lo, hi) = tokio::try_join!(
-            self.connect_raw(Duration::from_millis(1), false),
-            self.connect_raw(Duration::from_secs(24 * 3600), false)
-        )?;
+        // The client uses the requested timeout as its deadline to establish
+        // the session, so a tiny request may not connect at all (an ensemble
+        // creates sessions through a quorum write): ask for 100 ms, then 1 s.
+        // Granted more than asked = the server's minimum; granted as asked =
+        // the minimum is at most that (declared as is: conservative).
+        let lo = async {
+            match self.connect_raw(Duration::from_millis(100), false).await {
+                Ok(c) => Ok(c),
+                Err(_) => self.connect_raw(Duration::from_secs(1), false).await,
+            }
+        };
+        let (lo, hi) = tokio::try_join!(lo, self.connect_raw(Duration::from_secs(24 * 3600), false))?;
         let bounds = (lo.session_timeout(), hi.session_timeout());
         drop((lo, hi));
         CACHE
