@@ -5,7 +5,7 @@ use crate::case::{Case, Cx, Fail};
 use crate::cases;
 use crate::harness::Harness;
 use latchkey_core::{Capabilities, DeleteOptions, ListOptions};
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::{Arguments, Failed, Trial};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -98,7 +98,13 @@ async fn probe(harness: &Arc<dyn Harness>, ns: &str) -> Result<Capabilities, Str
 /// namespace with the [`case_timeout`], then deletes what it left behind.
 /// Panics inside the case become [`Outcome::Failed`].
 pub async fn run_case(case: &Case, harness: Arc<dyn Harness>) -> Outcome {
-    run_case_with(case, harness, None).await
+    run_case_with(case, harness, None, case_timeout()).await
+}
+
+/// [`run_case`] with an explicit overall time limit instead of
+/// [`case_timeout`]: past it the case is aborted and fails.
+pub async fn run_case_within(case: &Case, harness: Arc<dyn Harness>, limit: Duration) -> Outcome {
+    run_case_with(case, harness, None, limit).await
 }
 
 /// Runs every case that `select` accepts, one after the other (e.g.
@@ -114,7 +120,7 @@ pub async fn run_cases(
             caps = probe(&harness, &fresh_namespace("probe")).await.ok();
         }
         let start = std::time::Instant::now();
-        let outcome = run_case_with(&case, harness.clone(), caps.clone()).await;
+        let outcome = run_case_with(&case, harness.clone(), caps.clone(), case_timeout()).await;
         reports.push(CaseReport {
             name: case.name,
             outcome,
@@ -128,11 +134,11 @@ async fn run_case_with(
     case: &Case,
     harness: Arc<dyn Harness>,
     caps: Option<Capabilities>,
+    limit: Duration,
 ) -> Outcome {
-    let ns = fresh_namespace(case.name);
     let caps = match caps {
         Some(c) => c,
-        None => match probe(&harness, &ns).await {
+        None => match probe(&harness, &fresh_namespace("probe")).await {
             Ok(c) => c,
             Err(e) => return Outcome::Failed(e),
         },
@@ -140,8 +146,18 @@ async fn run_case_with(
     if let Some(reason) = case.ruled_out_by(&caps) {
         return Outcome::Ignored(reason);
     }
+    run_case_forced(case, harness, caps, limit).await
+}
+
+/// Runs the case whatever its gate says.
+async fn run_case_forced(
+    case: &Case,
+    harness: Arc<dyn Harness>,
+    caps: Capabilities,
+    limit: Duration,
+) -> Outcome {
+    let ns = fresh_namespace(case.name);
     let cx = Cx::new(harness, ns, caps);
-    let limit = case_timeout();
     // Spawned, so that a panic is caught as a JoinError and a timeout can
     // abort the case's task (and everything it owns) instead of leaking it.
     let task = tokio::spawn((case.run)(cx.clone()));
@@ -162,7 +178,8 @@ async fn run_case_with(
         Err(_) => {
             abort.abort();
             Outcome::Failed(format!(
-                "the case did not finish within {limit:?} (set LATCHKEY_CONFORMANCE_TIMEOUT_SECS to change)"
+                "the case did not finish within {limit:?} (the limit is \
+                 LATCHKEY_CONFORMANCE_TIMEOUT_SECS, default 120 s)"
             ))
         }
     };
@@ -216,9 +233,11 @@ pub fn shared_runtime() -> &'static tokio::runtime::Runtime {
 /// One libtest-mimic trial per case, named `<area>::<behaviour>`. Opens one
 /// handle first to read the backend's capabilities: a case they rule out is
 /// registered as ignored, with its reason as the trial's kind (shown in
-/// brackets in the output and in `--list`), and if it is run anyway
-/// (`--include-ignored`) it reports ignored again with the reason — never
-/// passed. If no handle can be opened, every trial fails with the reason.
+/// brackets in the output and in `--list`), so it is reported ignored (or
+/// skipped, by nextest), never passed. Asked to run ignored trials
+/// (`--include-ignored`), the case really runs and reports what it finds;
+/// a failure then names the capability that rules it out. If no handle can
+/// be opened, every trial fails with the reason.
 pub fn trials<H: Harness>(label: &str, harness: Arc<H>) -> Vec<Trial> {
     let harness: Arc<dyn Harness> = harness;
     let rt = shared_runtime();
@@ -232,15 +251,25 @@ pub fn trials<H: Harness>(label: &str, harness: Arc<H>) -> Vec<Trial> {
             let reason = caps.as_ref().ok().and_then(|c| case.ruled_out_by(c));
             let name = case.name;
             let (harness, caps, reason2) = (harness.clone(), caps.clone(), reason.clone());
-            let trial = Trial::ignorable_test(name, move || {
-                if let Some(r) = reason2 {
-                    return Ok(Completion::ignored_with(r));
-                }
+            // Runs only when asked to (`--ignored`, `--include-ignored`,
+            // nextest's `--run-ignored`): then the case really runs, with
+            // the gate lifted, and its failure says it was ruled out.
+            let trial = Trial::test(name, move || {
                 let caps = caps.map_err(Failed::from)?;
-                match shared_runtime().block_on(run_case_with(&case, harness, Some(caps))) {
-                    Outcome::Passed => Ok(Completion::Completed),
-                    Outcome::Ignored(r) => Ok(Completion::ignored_with(r)),
-                    Outcome::Failed(msg) => Err(Failed::from(msg)),
+                match shared_runtime().block_on(run_case_forced(
+                    &case,
+                    harness,
+                    caps,
+                    case_timeout(),
+                )) {
+                    Outcome::Passed => Ok(()),
+                    Outcome::Ignored(r) => Err(Failed::from(format!("ignored: {r}"))),
+                    Outcome::Failed(msg) => Err(Failed::from(match &reason2 {
+                        Some(r) => format!(
+                            "(run although the backend's capabilities rule it out: {r}) {msg}"
+                        ),
+                        None => msg,
+                    })),
                 }
             });
             match reason {

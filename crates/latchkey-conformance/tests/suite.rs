@@ -5,10 +5,13 @@
 mod broken;
 
 use broken::{harness_with_caps, Bug};
-use latchkey_conformance::{all_cases, find_case, run_case, run_cases, trials, Outcome};
+use latchkey_conformance::{
+    all_cases, find_case, run_case, run_case_within, run_cases, trials, Outcome,
+};
 use latchkey_core::Capabilities;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 const AREAS: &[&str] = &["kv", "txn", "lock", "fence", "watch", "ttl", "input"];
 
@@ -112,8 +115,7 @@ async fn run_cases_non_destructive_pass_on_mem() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
-/// A case that exceeds the timeout fails instead of hanging: a harness
-/// whose handles never open makes the probe fail, reported as a failure.
+/// A harness whose handles never open makes every case fail, naming why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_errors_fail_cases() {
     let h: Arc<dyn latchkey_conformance::Harness> = Arc::new(|_ns: String| async move {
@@ -126,4 +128,21 @@ async fn harness_errors_fail_cases() {
         Outcome::Failed(msg) => assert!(msg.contains("refused"), "{msg}"),
         other => panic!("expected a failure, got {other:?}"),
     }
+}
+
+/// A case that never finishes fails at its time limit instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_case_fails_at_its_limit() {
+    let case = find_case("kv::missing_key").unwrap();
+    let started = std::time::Instant::now();
+    let out = run_case_within(&case, broken::harness(Bug::Hang), Duration::from_secs(1)).await;
+    match out {
+        Outcome::Failed(msg) => assert!(msg.contains("did not finish within 1s"), "{msg}"),
+        other => panic!("expected a timeout failure, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        started.elapsed()
+    );
 }

@@ -18,8 +18,15 @@ cases! {
         let h = cx.open().await?;
         let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
         let o = h.txn(fenced(&g, "f", "1")).await.ctx("fenced write")?;
-        ensure!(o.succeeded, "expected a fenced write with a held guard to commit");
-        ensure_eq!(h.get("f").await.ctx("get f")?.map(|kv| kv.value), Some(b("1")), "the fenced key");
+        ensure!(
+            o.succeeded,
+            "expected a fenced write with a held guard to commit"
+        );
+        ensure_eq!(
+            h.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            Some(b("1")),
+            "the fenced key"
+        );
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -31,17 +38,50 @@ cases! {
     async fn released_fails(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let old = a.lock("x", cx.long_lock()).await.ctx("lock")?;
-        ensure!(a.txn(fenced(&old, "f", "old-1")).await.ctx("fenced write")?.succeeded, "expected the holder's fenced write to commit");
+        ensure!(
+            a.txn(fenced(&old, "f", "old-1"))
+                .await
+                .ctx("fenced write")?
+                .succeeded,
+            "expected the holder's fenced write to commit"
+        );
         old.release().await.ctx("release")?;
-        let new = c.lock("x", cx.long_lock()).await.ctx("lock by the second handle")?;
-        let o = a.txn(fenced(&old, "f", "old-2")).await.ctx("fenced write with the released guard")?;
-        ensure!(!o.succeeded, "expected a fenced write with a released guard to fail");
+        let new = c
+            .lock("x", cx.long_lock())
+            .await
+            .ctx("lock by the second handle")?;
+        let o = a
+            .txn(fenced(&old, "f", "old-2"))
+            .await
+            .ctx("fenced write with the released guard")?;
+        ensure!(
+            !o.succeeded,
+            "expected a fenced write with a released guard to fail"
+        );
         match o.results.first() {
-            Some(OpResult::Get(Some(kv))) => ensure_eq!(kv.value, b("old-1"), "the value read by the otherwise branch"),
-            other => return Err(Fail(format!("expected the otherwise branch's get of f, got {other:?}"))),
+            Some(OpResult::Get(Some(kv))) => ensure_eq!(
+                kv.value,
+                b("old-1"),
+                "the value read by the otherwise branch"
+            ),
+            other => {
+                return Err(Fail(format!(
+                    "expected the otherwise branch's get of f, got {other:?}"
+                )))
+            }
         }
-        ensure!(c.txn(fenced(&new, "f", "new")).await.ctx("fenced write with the new guard")?.succeeded, "expected the new holder's fenced write to commit");
-        ensure_eq!(c.get("f").await.ctx("get f")?.map(|kv| kv.value), Some(b("new")), "the fenced key");
+        ensure!(
+            c.txn(fenced(&new, "f", "new"))
+                .await
+                .ctx("fenced write with the new guard")?
+                .succeeded,
+            "expected the new holder's fenced write to commit"
+        );
+        ensure_eq!(
+            c.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            Some(b("new")),
+            "the fenced key"
+        );
         new.release().await.ctx("release")?;
         Ok(())
     }
@@ -53,11 +93,21 @@ cases! {
     async fn other_handle(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let g = a.lock("x", cx.long_lock()).await.ctx("lock")?;
-        ensure!(c.txn(fenced(&g, "f", "1")).await.ctx("fenced write via another handle")?.succeeded,
-            "expected a fenced write with a held guard to commit when sent through another handle");
+        ensure!(
+            c.txn(fenced(&g, "f", "1"))
+                .await
+                .ctx("fenced write via another handle")?
+                .succeeded,
+            "expected a fenced write with a held guard to commit when sent through another handle"
+        );
         g.release().await.ctx("release")?;
-        ensure!(!c.txn(fenced(&g, "f", "2")).await.ctx("fenced write via another handle")?.succeeded,
-            "expected a fenced write with a released guard to fail through another handle");
+        ensure!(
+            !c.txn(fenced(&g, "f", "2"))
+                .await
+                .ctx("fenced write via another handle")?
+                .succeeded,
+            "expected a fenced write with a released guard to fail through another handle"
+        );
         Ok(())
     }
 
@@ -69,9 +119,20 @@ cases! {
         let g1 = h.lock("x", cx.long_lock()).await.ctx("lock")?;
         g1.release().await.ctx("release")?;
         let g2 = h.lock("x", cx.long_lock()).await.ctx("lock again")?;
-        ensure!(g2.fencing_token() > g1.fencing_token(), "expected the second holding's token > {}, got {}", g1.fencing_token(), g2.fencing_token());
+        ensure!(
+            g2.fencing_token() > g1.fencing_token(),
+            "expected the second holding's token > {}, got {}",
+            g1.fencing_token(),
+            g2.fencing_token()
+        );
         ensure!(!h.txn(fenced(&g1, "f", "1")).await.ctx("fenced write, old guard")?.succeeded, "expected the released first guard's fenced write to fail while the same handle holds the lock again");
-        ensure!(h.txn(fenced(&g2, "f", "2")).await.ctx("fenced write, new guard")?.succeeded, "expected the current guard's fenced write to commit");
+        ensure!(
+            h.txn(fenced(&g2, "f", "2"))
+                .await
+                .ctx("fenced write, new guard")?
+                .succeeded,
+            "expected the current guard's fenced write to commit"
+        );
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -81,12 +142,28 @@ cases! {
     #[case("fence::held_with_value_compare")]
     async fn held_and_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("state", b("active"), PutOptions::default()).await.ctx("put state")?;
+        h.put("state", b("active"), PutOptions::default())
+            .await
+            .ctx("put state")?;
         let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
-        let t = |v: &str| TxnRequest::new().when([Compare::held(&g), Compare::value("state", v.to_string())]).then([Op::put("state", "inactive")]);
-        ensure!(!h.txn(t("other")).await.ctx("txn")?.succeeded, "expected held ∧ value(state) = \"other\" to fail");
-        ensure!(h.txn(t("active")).await.ctx("txn")?.succeeded, "expected held ∧ value(state) = \"active\" to commit");
-        ensure_eq!(h.get("state").await.ctx("get")?.map(|kv| kv.value), Some(b("inactive")), "state after the fenced write");
+        let t = |v: &str| {
+            TxnRequest::new()
+                .when([Compare::held(&g), Compare::value("state", v.to_string())])
+                .then([Op::put("state", "inactive")])
+        };
+        ensure!(
+            !h.txn(t("other")).await.ctx("txn")?.succeeded,
+            "expected held ∧ value(state) = \"other\" to fail"
+        );
+        ensure!(
+            h.txn(t("active")).await.ctx("txn")?.succeeded,
+            "expected held ∧ value(state) = \"active\" to commit"
+        );
+        ensure_eq!(
+            h.get("state").await.ctx("get")?.map(|kv| kv.value),
+            Some(b("inactive")),
+            "state after the fenced write"
+        );
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -106,20 +183,45 @@ cases! {
                     let cur = h.get("counter").await.ctx("get counter")?;
                     let (n, cmp) = match &cur {
                         None => (0, Compare::absent("counter")),
-                        Some(kv) => (std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(1_000_000),
-                                     Compare::revision("counter", latchkey_core::CmpOp::Equal, kv.revision)),
+                        Some(kv) => (
+                            std::str::from_utf8(&kv.value)
+                                .ok()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .unwrap_or(1_000_000),
+                            Compare::revision("counter", latchkey_core::CmpOp::Equal, kv.revision),
+                        ),
                     };
-                    let o = h.txn(TxnRequest::new().when([Compare::held(&g), cmp]).then([Op::put("counter", (n + 1).to_string())])).await.ctx("fenced increment")?;
-                    ensure!(o.succeeded, "expected the fenced increment of the current holder (token {}) to commit", g.fencing_token());
+                    let o = h
+                        .txn(
+                            TxnRequest::new()
+                                .when([Compare::held(&g), cmp])
+                                .then([Op::put("counter", (n + 1).to_string())]),
+                        )
+                        .await
+                        .ctx("fenced increment")?;
+                    ensure!(
+                        o.succeeded,
+                        "expected the fenced increment of the current holder (token {}) to commit",
+                        g.fencing_token()
+                    );
                     g.release().await.ctx("release")?;
                 }
                 Ok::<_, Fail>(())
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| Fail(format!("a worker panicked: {e}")))??;
+            t.await
+                .map_err(|e| Fail(format!("a worker panicked: {e}")))??;
         }
-        ensure_eq!(hs[0].get("counter").await.ctx("get counter")?.map(|kv| kv.value), Some(b("40")), "the counter after 4×10 fenced increments");
+        ensure_eq!(
+            hs[0]
+                .get("counter")
+                .await
+                .ctx("get counter")?
+                .map(|kv| kv.value),
+            Some(b("40")),
+            "the counter after 4×10 fenced increments"
+        );
         Ok(())
     }
 }

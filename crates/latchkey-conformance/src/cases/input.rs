@@ -58,9 +58,21 @@ cases! {
         let (h, r) = seed(&cx).await?;
         for k in BAD_KEYS {
             expect_err!(h.get(k).await, Error::InvalidKey { .. }, "get({k:?})");
-            expect_err!(h.put(k, b("v"), PutOptions::default()).await, Error::InvalidKey { .. }, "put({k:?})");
-            expect_err!(h.put(k, b("v"), PutOptions::if_absent()).await, Error::InvalidKey { .. }, "if_absent put({k:?})");
-            expect_err!(h.delete(k, DeleteOptions::default()).await, Error::InvalidKey { .. }, "delete({k:?})");
+            expect_err!(
+                h.put(k, b("v"), PutOptions::default()).await,
+                Error::InvalidKey { .. },
+                "put({k:?})"
+            );
+            expect_err!(
+                h.put(k, b("v"), PutOptions::if_absent()).await,
+                Error::InvalidKey { .. },
+                "if_absent put({k:?})"
+            );
+            expect_err!(
+                h.delete(k, DeleteOptions::default()).await,
+                Error::InvalidKey { .. },
+                "delete({k:?})"
+            );
         }
         unchanged(&h, r).await
     }
@@ -72,9 +84,24 @@ cases! {
         let (h, r) = seed(&cx).await?;
         let multi = format!("{}k", "é".repeat(256)); // 513 bytes, 257 chars
         for k in [too_long(), multi] {
-            expect_err!(h.put(&k, b("v"), PutOptions::default()).await, Error::InvalidKey { .. }, "put of a {}-byte key", k.len());
-            expect_err!(h.get(&k).await, Error::InvalidKey { .. }, "get of a {}-byte key", k.len());
-            expect_err!(h.delete(&k, DeleteOptions::default()).await, Error::InvalidKey { .. }, "delete of a {}-byte key", k.len());
+            expect_err!(
+                h.put(&k, b("v"), PutOptions::default()).await,
+                Error::InvalidKey { .. },
+                "put of a {}-byte key",
+                k.len()
+            );
+            expect_err!(
+                h.get(&k).await,
+                Error::InvalidKey { .. },
+                "get of a {}-byte key",
+                k.len()
+            );
+            expect_err!(
+                h.delete(&k, DeleteOptions::default()).await,
+                Error::InvalidKey { .. },
+                "delete of a {}-byte key",
+                k.len()
+            );
         }
         unchanged(&h, r).await
     }
@@ -85,8 +112,16 @@ cases! {
     async fn value_too_large(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
         let v = Bytes::from(vec![7u8; 512 * 1024 + 1]);
-        expect_err!(h.put("big", v.clone(), PutOptions::default()).await, Error::InvalidValue { .. }, "put of 512 KiB + 1");
-        expect_err!(h.put("seed", v.clone(), PutOptions::if_revision(r)).await, Error::InvalidValue { .. }, "CAS of 512 KiB + 1 over the seed key");
+        expect_err!(
+            h.put("big", v.clone(), PutOptions::default()).await,
+            Error::InvalidValue { .. },
+            "put of 512 KiB + 1"
+        );
+        expect_err!(
+            h.put("seed", v.clone(), PutOptions::if_revision(r)).await,
+            Error::InvalidValue { .. },
+            "CAS of 512 KiB + 1 over the seed key"
+        );
         unchanged(&h, r).await
     }
 
@@ -96,8 +131,17 @@ cases! {
     async fn bad_ttl(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
         for ttl in [Duration::ZERO, Duration::from_secs(366 * 24 * 3600)] {
-            expect_err!(h.put("t", b("v"), PutOptions::ttl(ttl)).await, Error::InvalidArgument(_), "put with TTL {ttl:?}");
-            expect_err!(h.put("seed", b("v"), PutOptions::if_revision(r).with_ttl(ttl)).await, Error::InvalidArgument(_), "CAS with TTL {ttl:?}");
+            expect_err!(
+                h.put("t", b("v"), PutOptions::ttl(ttl)).await,
+                Error::InvalidArgument(_),
+                "put with TTL {ttl:?}"
+            );
+            expect_err!(
+                h.put("seed", b("v"), PutOptions::if_revision(r).with_ttl(ttl))
+                    .await,
+                Error::InvalidArgument(_),
+                "CAS with TTL {ttl:?}"
+            );
         }
         unchanged(&h, r).await
     }
@@ -108,10 +152,21 @@ cases! {
     async fn bad_prefix(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
         for p in ["a\0", "\n", &too_long()] {
-            expect_err!(h.list(p, ListOptions::default()).await, Error::InvalidKey { .. }, "list({p:?})");
-            expect_err!(h.watch(p, None).await, Error::InvalidKey { .. }, "watch({p:?})");
+            expect_err!(
+                h.list(p, ListOptions::default()).await,
+                Error::InvalidKey { .. },
+                "list({p:?})"
+            );
+            expect_err!(
+                h.watch(p, None).await,
+                Error::InvalidKey { .. },
+                "watch({p:?})"
+            );
         }
-        ensure!(h.list("", ListOptions::default()).await.is_ok(), "expected list(\"\") to be valid");
+        ensure!(
+            h.list("", ListOptions::default()).await.is_ok(),
+            "expected list(\"\") to be valid"
+        );
         unchanged(&h, r).await
     }
 
@@ -124,8 +179,16 @@ cases! {
         let opts = LockOptions::ttl(Duration::from_secs(10)).with_wait(Duration::from_secs(1));
         let long = too_long();
         for n in BAD_KEYS.iter().copied().chain([long.as_str()]) {
-            expect_err!(h.lock(n, opts.clone()).await, Error::InvalidKey { .. }, "lock({n:?})");
-            expect_err!(h.try_lock(n, opts.clone()).await, Error::InvalidKey { .. }, "try_lock({n:?})");
+            expect_err!(
+                h.lock(n, opts.clone()).await,
+                Error::InvalidKey { .. },
+                "lock({n:?})"
+            );
+            expect_err!(
+                h.try_lock(n, opts.clone()).await,
+                Error::InvalidKey { .. },
+                "try_lock({n:?})"
+            );
         }
         unchanged(&h, r).await
     }
@@ -134,12 +197,28 @@ cases! {
     #[case("input::zero_lock_ttl_rejected")]
     async fn zero_lock_ttl(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
-        let bad = LockOptions { ttl: Duration::ZERO, wait: Some(Duration::from_secs(1)) };
-        expect_err!(h.lock("x", bad.clone()).await, Error::InvalidArgument(_), "lock with TTL 0");
-        expect_err!(h.try_lock("x", bad).await, Error::InvalidArgument(_), "try_lock with TTL 0");
+        let bad = LockOptions {
+            ttl: Duration::ZERO,
+            wait: Some(Duration::from_secs(1)),
+        };
+        expect_err!(
+            h.lock("x", bad.clone()).await,
+            Error::InvalidArgument(_),
+            "lock with TTL 0"
+        );
+        expect_err!(
+            h.try_lock("x", bad).await,
+            Error::InvalidArgument(_),
+            "try_lock with TTL 0"
+        );
         let g = h.try_lock("x", cx.long_lock()).await.ctx("try_lock x")?;
-        ensure!(g.is_some(), "expected lock x to be free after the rejected attempts");
-        if let Some(g) = g { g.release().await.ctx("release")?; }
+        ensure!(
+            g.is_some(),
+            "expected lock x to be free after the rejected attempts"
+        );
+        if let Some(g) = g {
+            g.release().await.ctx("release")?;
+        }
         unchanged(&h, r).await
     }
 
@@ -154,10 +233,19 @@ cases! {
             TxnRequest::new().then([ok(), Op::get("a\0")]),
             TxnRequest::new().then([ok(), Op::delete(too_long())]),
             TxnRequest::new().when([Compare::exists("\n")]).then([ok()]),
-            TxnRequest::new().when([Compare::absent("x")]).then([ok()]).otherwise([Op::put("", "v")]),
-            TxnRequest::new().then([ok(), Op::delete("seed")]).otherwise([Op::get("\0")]),
+            TxnRequest::new()
+                .when([Compare::absent("x")])
+                .then([ok()])
+                .otherwise([Op::put("", "v")]),
+            TxnRequest::new()
+                .then([ok(), Op::delete("seed")])
+                .otherwise([Op::get("\0")]),
         ] {
-            expect_err!(h.txn(t.clone()).await, Error::InvalidKey { .. }, "txn {t:?}");
+            expect_err!(
+                h.txn(t.clone()).await,
+                Error::InvalidKey { .. },
+                "txn {t:?}"
+            );
         }
         unchanged(&h, r).await
     }
@@ -169,9 +257,19 @@ cases! {
         let (h, r) = seed(&cx).await?;
         let big = Bytes::from(vec![1u8; 512 * 1024 + 1]);
         let t = TxnRequest::new().then([Op::put("written", "v"), Op::put("big", big.clone())]);
-        expect_err!(h.txn(t).await, Error::InvalidValue { .. }, "txn with a 512 KiB + 1 put");
-        let t = TxnRequest::new().when([Compare::value("seed", big)]).then([Op::put("written", "v")]);
-        expect_err!(h.txn(t).await, Error::InvalidValue { .. }, "txn comparing with a 512 KiB + 1 value");
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidValue { .. },
+            "txn with a 512 KiB + 1 put"
+        );
+        let t = TxnRequest::new()
+            .when([Compare::value("seed", big)])
+            .then([Op::put("written", "v")]);
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidValue { .. },
+            "txn comparing with a 512 KiB + 1 value"
+        );
         unchanged(&h, r).await
     }
 
@@ -179,8 +277,15 @@ cases! {
     #[case("input::txn_zero_ttl_applies_nothing")]
     async fn txn_zero_ttl(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
-        let t = TxnRequest::new().then([Op::put("written", "v"), Op::put_with_ttl("t", "v", Duration::ZERO)]);
-        expect_err!(h.txn(t).await, Error::InvalidArgument(_), "txn with a zero TTL");
+        let t = TxnRequest::new().then([
+            Op::put("written", "v"),
+            Op::put_with_ttl("t", "v", Duration::ZERO),
+        ]);
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidArgument(_),
+            "txn with a zero TTL"
+        );
         unchanged(&h, r).await
     }
 
@@ -190,8 +295,15 @@ cases! {
     async fn txn_compares(cx: Cx) -> CaseResult {
         let (h, r) = seed(&cx).await?;
         let max = cx.caps().max_txn_ops;
-        let t = TxnRequest::new().when((0..=max).map(|i| Compare::absent(format!("c{i}")))).then([Op::put("written", "v")]);
-        expect_err!(h.txn(t).await, Error::InvalidArgument(_), "txn with {} compares (max_txn_ops {max})", max + 1);
+        let t = TxnRequest::new()
+            .when((0..=max).map(|i| Compare::absent(format!("c{i}"))))
+            .then([Op::put("written", "v")]);
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidArgument(_),
+            "txn with {} compares (max_txn_ops {max})",
+            max + 1
+        );
         unchanged(&h, r).await
     }
 }

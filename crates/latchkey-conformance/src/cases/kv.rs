@@ -22,11 +22,25 @@ cases! {
         let h = cx.open().await?;
         let mut v: Vec<u8> = (0..=255u8).collect();
         v.extend_from_slice(&[0xff, 0xfe, 0x00, 0xc3, 0x28]);
-        let rev = h.put("bin", Bytes::from(v.clone()), PutOptions::default()).await.ctx("put bin")?;
-        ensure!(rev > 0, "expected a put to return a revision > 0, got {rev}");
-        let kv = h.get("bin").await.ctx("get bin")?.ok_or_else(|| Fail("expected bin to exist after put".into()))?;
+        let rev = h
+            .put("bin", Bytes::from(v.clone()), PutOptions::default())
+            .await
+            .ctx("put bin")?;
+        ensure!(
+            rev > 0,
+            "expected a put to return a revision > 0, got {rev}"
+        );
+        let kv = h
+            .get("bin")
+            .await
+            .ctx("get bin")?
+            .ok_or_else(|| Fail("expected bin to exist after put".into()))?;
         ensure_eq!(kv.value.as_ref(), v.as_slice(), "the value read back");
-        ensure_eq!(kv.revision, rev, "the revision of get (the put returned it)");
+        ensure_eq!(
+            kv.revision,
+            rev,
+            "the revision of get (the put returned it)"
+        );
         ensure_eq!(kv.key, "bin", "the key of the KeyValue");
         ensure_eq!(kv.lease_ttl, None, "lease_ttl of a key put without TTL");
         Ok(())
@@ -37,9 +51,14 @@ cases! {
     #[case("kv::empty_value")]
     async fn empty_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("empty", Bytes::new(), PutOptions::default()).await.ctx("put empty")?;
+        h.put("empty", Bytes::new(), PutOptions::default())
+            .await
+            .ctx("put empty")?;
         let kv = h.get("empty").await.ctx("get empty")?;
-        ensure!(kv.is_some(), "expected a key with an empty value to exist, got None");
+        ensure!(
+            kv.is_some(),
+            "expected a key with an empty value to exist, got None"
+        );
         ensure_eq!(kv.unwrap().value.len(), 0, "the length of the empty value");
         Ok(())
     }
@@ -48,10 +67,22 @@ cases! {
     #[case("kv::large_value_512k", destructive = true)]
     async fn large_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let v: Vec<u8> = (0..512 * 1024).map(|i: usize| (i * 31 % 251) as u8).collect();
-        h.put("big", Bytes::from(v.clone()), PutOptions::default()).await.ctx("put of 512 KiB")?;
-        let kv = h.get("big").await.ctx("get big")?.ok_or_else(|| Fail("expected big to exist".into()))?;
-        ensure!(kv.value.as_ref() == v.as_slice(), "expected the 512 KiB value to read back intact (got {} bytes)", kv.value.len());
+        let v: Vec<u8> = (0..512 * 1024)
+            .map(|i: usize| (i * 31 % 251) as u8)
+            .collect();
+        h.put("big", Bytes::from(v.clone()), PutOptions::default())
+            .await
+            .ctx("put of 512 KiB")?;
+        let kv = h
+            .get("big")
+            .await
+            .ctx("get big")?
+            .ok_or_else(|| Fail("expected big to exist".into()))?;
+        ensure!(
+            kv.value.as_ref() == v.as_slice(),
+            "expected the 512 KiB value to read back intact (got {} bytes)",
+            kv.value.len()
+        );
         Ok(())
     }
 
@@ -59,8 +90,18 @@ cases! {
     #[case("kv::missing_key")]
     async fn missing_key(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        ensure_eq!(h.get("nope").await.ctx("get nope")?, None, "get of a missing key");
-        ensure_eq!(h.delete("nope", DeleteOptions::default()).await.ctx("delete nope")?, false, "delete of a missing key");
+        ensure_eq!(
+            h.get("nope").await.ctx("get nope")?,
+            None,
+            "get of a missing key"
+        );
+        ensure_eq!(
+            h.delete("nope", DeleteOptions::default())
+                .await
+                .ctx("delete nope")?,
+            false,
+            "delete of a missing key"
+        );
         Ok(())
     }
 
@@ -71,11 +112,21 @@ cases! {
         let h = cx.open().await?;
         let mut last = 0;
         for i in 0..5 {
-            let r = h.put("k", b(&format!("v{i}")), PutOptions::default()).await.ctx("put k")?;
-            ensure!(r > last, "expected write {i} of k to get a revision > {last}, got {r}");
+            let r = h
+                .put("k", b(&format!("v{i}")), PutOptions::default())
+                .await
+                .ctx("put k")?;
+            ensure!(
+                r > last,
+                "expected write {i} of k to get a revision > {last}, got {r}"
+            );
             last = r;
         }
-        let kv = h.get("k").await.ctx("get k")?.ok_or_else(|| Fail("expected k to exist".into()))?;
+        let kv = h
+            .get("k")
+            .await
+            .ctx("get k")?
+            .ok_or_else(|| Fail("expected k to exist".into()))?;
         ensure_eq!(kv.value, b("v4"), "the value after five puts");
         ensure_eq!(kv.revision, last, "the revision after five puts");
         Ok(())
@@ -86,9 +137,21 @@ cases! {
     #[case("kv::delete_existing")]
     async fn delete_existing(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        a.put("d", b("x"), PutOptions::default()).await.ctx("put d")?;
-        ensure_eq!(a.delete("d", DeleteOptions::default()).await.ctx("delete d")?, true, "delete of an existing key");
-        ensure_eq!(c.get("d").await.ctx("get d from another handle")?, None, "get of a deleted key from another handle");
+        a.put("d", b("x"), PutOptions::default())
+            .await
+            .ctx("put d")?;
+        ensure_eq!(
+            a.delete("d", DeleteOptions::default())
+                .await
+                .ctx("delete d")?,
+            true,
+            "delete of an existing key"
+        );
+        ensure_eq!(
+            c.get("d").await.ctx("get d from another handle")?,
+            None,
+            "get of a deleted key from another handle"
+        );
         Ok(())
     }
 
@@ -97,10 +160,23 @@ cases! {
     #[case("kv::cas_success")]
     async fn cas_success(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h.put("c", b("1"), PutOptions::default()).await.ctx("put c")?;
-        let r2 = h.put("c", b("2"), PutOptions::if_revision(r1)).await.ctx("CAS c at its current revision")?;
-        ensure!(r2 > r1, "expected the CAS to return a revision > {r1}, got {r2}");
-        ensure_eq!(h.get("c").await.ctx("get c")?.map(|kv| kv.value), Some(b("2")), "the value after CAS");
+        let r1 = h
+            .put("c", b("1"), PutOptions::default())
+            .await
+            .ctx("put c")?;
+        let r2 = h
+            .put("c", b("2"), PutOptions::if_revision(r1))
+            .await
+            .ctx("CAS c at its current revision")?;
+        ensure!(
+            r2 > r1,
+            "expected the CAS to return a revision > {r1}, got {r2}"
+        );
+        ensure_eq!(
+            h.get("c").await.ctx("get c")?.map(|kv| kv.value),
+            Some(b("2")),
+            "the value after CAS"
+        );
         Ok(())
     }
 
@@ -109,16 +185,36 @@ cases! {
     #[case("kv::cas_conflict_reports_current")]
     async fn cas_conflict(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h.put("c", b("1"), PutOptions::default()).await.ctx("put c")?;
-        let r2 = h.put("c", b("2"), PutOptions::default()).await.ctx("put c again")?;
+        let r1 = h
+            .put("c", b("1"), PutOptions::default())
+            .await
+            .ctx("put c")?;
+        let r2 = h
+            .put("c", b("2"), PutOptions::default())
+            .await
+            .ctx("put c again")?;
         match h.put("c", b("3"), PutOptions::if_revision(r1)).await {
             Err(Error::Conflict { current, key }) => {
                 ensure_eq!(current, Some(r2), "Conflict.current of a stale CAS");
-                ensure!(key.contains('c'), "expected Conflict.key to name the key \"c\", got {key:?}");
+                ensure!(
+                    key.contains('c'),
+                    "expected Conflict.key to name the key \"c\", got {key:?}"
+                );
             }
-            other => return Err(Fail(format!("expected Conflict {{ current: Some({r2}) }} from a stale CAS, got {other:?}"))),
+            other => {
+                return Err(Fail(format!(
+                    "expected Conflict {{ current: Some({r2}) }} from a stale CAS, got {other:?}"
+                )))
+            }
         }
-        ensure_eq!(h.get("c").await.ctx("get c")?.map(|kv| (kv.value, kv.revision)), Some((b("2"), r2)), "value and revision after the failed CAS");
+        ensure_eq!(
+            h.get("c")
+                .await
+                .ctx("get c")?
+                .map(|kv| (kv.value, kv.revision)),
+            Some((b("2"), r2)),
+            "value and revision after the failed CAS"
+        );
         Ok(())
     }
 
@@ -129,9 +225,17 @@ cases! {
         let h = cx.open().await?;
         match h.put("m", b("x"), PutOptions::if_revision(1)).await {
             Err(Error::Conflict { current: None, .. }) => {}
-            other => return Err(Fail(format!("expected Conflict {{ current: None }} from a CAS on a missing key, got {other:?}"))),
+            other => {
+                return Err(Fail(format!(
+                    "expected Conflict {{ current: None }} from a CAS on a missing key, got {other:?}"
+                )))
+            }
         }
-        ensure_eq!(h.get("m").await.ctx("get m")?, None, "the key after a failed CAS");
+        ensure_eq!(
+            h.get("m").await.ctx("get m")?,
+            None,
+            "the key after a failed CAS"
+        );
         Ok(())
     }
 
@@ -140,12 +244,27 @@ cases! {
     #[case("kv::if_absent_creates_once")]
     async fn if_absent(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        let r = a.put("once", b("first"), PutOptions::if_absent()).await.ctx("if_absent put on a missing key")?;
+        let r = a
+            .put("once", b("first"), PutOptions::if_absent())
+            .await
+            .ctx("if_absent put on a missing key")?;
         match c.put("once", b("second"), PutOptions::if_absent()).await {
-            Err(Error::Conflict { current, .. }) => ensure_eq!(current, Some(r), "Conflict.current of the second if_absent put"),
-            other => return Err(Fail(format!("expected Conflict from a second if_absent put, got {other:?}"))),
+            Err(Error::Conflict { current, .. }) => ensure_eq!(
+                current,
+                Some(r),
+                "Conflict.current of the second if_absent put"
+            ),
+            other => {
+                return Err(Fail(format!(
+                    "expected Conflict from a second if_absent put, got {other:?}"
+                )))
+            }
         }
-        ensure_eq!(a.get("once").await.ctx("get once")?.map(|kv| kv.value), Some(b("first")), "the value after the failed if_absent put");
+        ensure_eq!(
+            a.get("once").await.ctx("get once")?.map(|kv| kv.value),
+            Some(b("first")),
+            "the value after the failed if_absent put"
+        );
         Ok(())
     }
 
@@ -154,14 +273,50 @@ cases! {
     #[case("kv::delete_if_revision")]
     async fn delete_if_revision(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h.put("d", b("1"), PutOptions::default()).await.ctx("put d")?;
-        let r2 = h.put("d", b("2"), PutOptions::default()).await.ctx("put d again")?;
-        match h.delete("d", DeleteOptions { if_revision: Some(r1) }).await {
-            Err(Error::Conflict { current, .. }) => ensure_eq!(current, Some(r2), "Conflict.current of a stale conditional delete"),
-            other => return Err(Fail(format!("expected Conflict from a delete at a stale revision, got {other:?}"))),
+        let r1 = h
+            .put("d", b("1"), PutOptions::default())
+            .await
+            .ctx("put d")?;
+        let r2 = h
+            .put("d", b("2"), PutOptions::default())
+            .await
+            .ctx("put d again")?;
+        match h
+            .delete(
+                "d",
+                DeleteOptions {
+                    if_revision: Some(r1),
+                },
+            )
+            .await
+        {
+            Err(Error::Conflict { current, .. }) => ensure_eq!(
+                current,
+                Some(r2),
+                "Conflict.current of a stale conditional delete"
+            ),
+            other => {
+                return Err(Fail(format!(
+                    "expected Conflict from a delete at a stale revision, got {other:?}"
+                )))
+            }
         }
-        ensure!(h.get("d").await.ctx("get d")?.is_some(), "expected d to survive a failed conditional delete");
-        ensure_eq!(h.delete("d", DeleteOptions { if_revision: Some(r2) }).await.ctx("delete d at its revision")?, true, "conditional delete at the current revision");
+        ensure!(
+            h.get("d").await.ctx("get d")?.is_some(),
+            "expected d to survive a failed conditional delete"
+        );
+        ensure_eq!(
+            h.delete(
+                "d",
+                DeleteOptions {
+                    if_revision: Some(r2)
+                }
+            )
+            .await
+            .ctx("delete d at its revision")?,
+            true,
+            "conditional delete at the current revision"
+        );
         ensure_eq!(h.get("d").await.ctx("get d")?, None, "d after deleting it");
         Ok(())
     }
@@ -172,16 +327,33 @@ cases! {
     #[case("kv::delete_recreate_never_reuses_revision")]
     async fn aba(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let first = h.put("aba", b("same"), PutOptions::default()).await.ctx("put aba")?;
+        let first = h
+            .put("aba", b("same"), PutOptions::default())
+            .await
+            .ctx("put aba")?;
         let mut last = first;
         for i in 0..3 {
-            h.delete("aba", DeleteOptions::default()).await.ctx("delete aba")?;
-            let r = h.put("aba", b("same"), PutOptions::default()).await.ctx("recreate aba")?;
+            h.delete("aba", DeleteOptions::default())
+                .await
+                .ctx("delete aba")?;
+            let r = h
+                .put("aba", b("same"), PutOptions::default())
+                .await
+                .ctx("recreate aba")?;
             ensure!(r > last, "expected incarnation {} of aba to get a revision > {last}, got {r} (revision reused after delete)", i + 2);
             last = r;
         }
-        expect_err!(h.put("aba", b("stale"), PutOptions::if_revision(first)).await, Error::Conflict { .. }, "a CAS against the first incarnation's revision {first}");
-        ensure_eq!(h.get("aba").await.ctx("get aba")?.map(|kv| kv.revision), Some(last), "aba's revision");
+        expect_err!(
+            h.put("aba", b("stale"), PutOptions::if_revision(first))
+                .await,
+            Error::Conflict { .. },
+            "a CAS against the first incarnation's revision {first}"
+        );
+        ensure_eq!(
+            h.get("aba").await.ctx("get aba")?.map(|kv| kv.revision),
+            Some(last),
+            "aba's revision"
+        );
         Ok(())
     }
 
@@ -191,15 +363,28 @@ cases! {
     async fn list_prefix(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         for k in ["apps", "app/x", "b", "ap", "apple", "app", "app/a/b", "aq"] {
-            h.put(k, b(k), PutOptions::default()).await.ctx(format!("put {k}"))?;
+            h.put(k, b(k), PutOptions::default())
+                .await
+                .ctx(format!("put {k}"))?;
         }
-        let got = h.list("app", ListOptions::default()).await.ctx("list app")?;
-        ensure_eq!(keys_of(&got), vec!["app", "app/a/b", "app/x", "apple", "apps"], "keys listed under \"app\"");
+        let got = h
+            .list("app", ListOptions::default())
+            .await
+            .ctx("list app")?;
+        ensure_eq!(
+            keys_of(&got),
+            vec!["app", "app/a/b", "app/x", "apple", "apps"],
+            "keys listed under \"app\""
+        );
         for kv in &got {
             ensure_eq!(kv.value, b(&kv.key), "the value listed for {}", kv.key);
         }
         let got = h.list("ap", ListOptions::default()).await.ctx("list ap")?;
-        ensure_eq!(keys_of(&got), vec!["ap", "app", "app/a/b", "app/x", "apple", "apps"], "keys listed under \"ap\"");
+        ensure_eq!(
+            keys_of(&got),
+            vec!["ap", "app", "app/a/b", "app/x", "apple", "apps"],
+            "keys listed under \"ap\""
+        );
         Ok(())
     }
 
@@ -208,12 +393,36 @@ cases! {
     async fn list_limit(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         for k in ["p/d", "p/a", "p/c", "p/b", "q"] {
-            h.put(k, b("v"), PutOptions::default()).await.ctx(format!("put {k}"))?;
+            h.put(k, b("v"), PutOptions::default())
+                .await
+                .ctx(format!("put {k}"))?;
         }
-        let got = h.list("p/", ListOptions { limit: Some(2), keys_only: false }).await.ctx("list p/ limit 2")?;
+        let got = h
+            .list(
+                "p/",
+                ListOptions {
+                    limit: Some(2),
+                    keys_only: false,
+                },
+            )
+            .await
+            .ctx("list p/ limit 2")?;
         ensure_eq!(keys_of(&got), vec!["p/a", "p/b"], "list p/ with limit 2");
-        let got = h.list("p/", ListOptions { limit: Some(10), keys_only: false }).await.ctx("list p/ limit 10")?;
-        ensure_eq!(keys_of(&got), vec!["p/a", "p/b", "p/c", "p/d"], "list p/ with limit 10");
+        let got = h
+            .list(
+                "p/",
+                ListOptions {
+                    limit: Some(10),
+                    keys_only: false,
+                },
+            )
+            .await
+            .ctx("list p/ limit 10")?;
+        ensure_eq!(
+            keys_of(&got),
+            vec!["p/a", "p/b", "p/c", "p/d"],
+            "list p/ with limit 10"
+        );
         Ok(())
     }
 
@@ -221,12 +430,28 @@ cases! {
     #[case("kv::list_keys_only")]
     async fn list_keys_only(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h.put("ko/1", b("value"), PutOptions::default()).await.ctx("put ko/1")?;
-        let got = h.list("ko/", ListOptions { limit: None, keys_only: true }).await.ctx("list ko/ keys_only")?;
+        let r = h
+            .put("ko/1", b("value"), PutOptions::default())
+            .await
+            .ctx("put ko/1")?;
+        let got = h
+            .list(
+                "ko/",
+                ListOptions {
+                    limit: None,
+                    keys_only: true,
+                },
+            )
+            .await
+            .ctx("list ko/ keys_only")?;
         ensure_eq!(got.len(), 1, "number of keys listed");
         ensure_eq!(got[0].key, "ko/1", "listed key");
         ensure_eq!(got[0].revision, r, "listed revision");
-        ensure!(got[0].value.is_empty(), "expected an empty value in a keys_only listing, got {:?}", got[0].value);
+        ensure!(
+            got[0].value.is_empty(),
+            "expected an empty value in a keys_only listing, got {:?}",
+            got[0].value
+        );
         Ok(())
     }
 
@@ -235,11 +460,24 @@ cases! {
     #[case("kv::list_missing_and_empty_prefix")]
     async fn list_missing(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        ensure_eq!(h.list("none/", ListOptions::default()).await.ctx("list none/")?.len(), 0, "keys under a prefix nothing has");
+        ensure_eq!(
+            h.list("none/", ListOptions::default())
+                .await
+                .ctx("list none/")?
+                .len(),
+            0,
+            "keys under a prefix nothing has"
+        );
         for k in ["z", "a", "m/n"] {
-            h.put(k, b("v"), PutOptions::default()).await.ctx(format!("put {k}"))?;
+            h.put(k, b("v"), PutOptions::default())
+                .await
+                .ctx(format!("put {k}"))?;
         }
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["a", "m/n", "z"], "list(\"\") of the namespace");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["a", "m/n", "z"],
+            "list(\"\") of the namespace"
+        );
         Ok(())
     }
 
@@ -251,8 +489,25 @@ cases! {
         let h = cx.open().await?;
         let long = "k".repeat(512);
         let mut keys: Vec<String> = [
-            "/", "/lead", "trail/", "/both/", "a//b", "a/b", "with space", " pad ", "ünïcödé/✓/日本",
-            ".", "..", "./x", "%2F", "a%b", "*", "?q=1&r", "#frag", "back\\slash", "\"quoted\"",
+            "/",
+            "/lead",
+            "trail/",
+            "/both/",
+            "a//b",
+            "a/b",
+            "with space",
+            " pad ",
+            "ünïcödé/✓/日本",
+            ".",
+            "..",
+            "./x",
+            "%2F",
+            "a%b",
+            "*",
+            "?q=1&r",
+            "#frag",
+            "back\\slash",
+            "\"quoted\"",
             "emoji🔒",
         ]
         .iter()
@@ -260,16 +515,26 @@ cases! {
         .collect();
         keys.push(long);
         for (i, k) in keys.iter().enumerate() {
-            h.put(k, b(&i.to_string()), PutOptions::default()).await.ctx(format!("put {k:?}"))?;
+            h.put(k, b(&i.to_string()), PutOptions::default())
+                .await
+                .ctx(format!("put {k:?}"))?;
         }
         for (i, k) in keys.iter().enumerate() {
-            let kv = h.get(k).await.ctx(format!("get {k:?}"))?.ok_or_else(|| Fail(format!("expected key {k:?} to exist")))?;
+            let kv = h
+                .get(k)
+                .await
+                .ctx(format!("get {k:?}"))?
+                .ok_or_else(|| Fail(format!("expected key {k:?} to exist")))?;
             ensure_eq!(kv.key, *k, "the key returned by get {k:?}");
             ensure_eq!(kv.value, b(&i.to_string()), "the value of {k:?}");
         }
         let mut sorted = keys.clone();
         sorted.sort();
-        ensure_eq!(all_keys(h.as_ref()).await?, sorted, "list(\"\") of the odd keys, in key order");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            sorted,
+            "list(\"\") of the odd keys, in key order"
+        );
         Ok(())
     }
 
@@ -279,12 +544,37 @@ cases! {
     async fn namespace_isolation(cx: Cx) -> CaseResult {
         let a = cx.open().await?;
         let o = cx.open_other("other").await?;
-        a.put("shared", b("in-a"), PutOptions::default()).await.ctx("put shared in ns a")?;
-        ensure_eq!(o.get("shared").await.ctx("get in ns b")?, None, "a key of namespace a seen from namespace b");
-        ensure_eq!(o.list("", ListOptions::default()).await.ctx("list in ns b")?.len(), 0, "keys listed in the empty namespace b");
-        o.put("shared", b("in-b"), PutOptions::if_absent()).await.ctx("if_absent put in ns b (the key exists only in a)")?;
-        ensure_eq!(o.delete("shared", DeleteOptions::default()).await.ctx("delete in b")?, true, "delete in b");
-        ensure_eq!(a.get("shared").await.ctx("get in a")?.map(|kv| kv.value), Some(b("in-a")), "namespace a's value after b wrote and deleted the same key");
+        a.put("shared", b("in-a"), PutOptions::default())
+            .await
+            .ctx("put shared in ns a")?;
+        ensure_eq!(
+            o.get("shared").await.ctx("get in ns b")?,
+            None,
+            "a key of namespace a seen from namespace b"
+        );
+        ensure_eq!(
+            o.list("", ListOptions::default())
+                .await
+                .ctx("list in ns b")?
+                .len(),
+            0,
+            "keys listed in the empty namespace b"
+        );
+        o.put("shared", b("in-b"), PutOptions::if_absent())
+            .await
+            .ctx("if_absent put in ns b (the key exists only in a)")?;
+        ensure_eq!(
+            o.delete("shared", DeleteOptions::default())
+                .await
+                .ctx("delete in b")?,
+            true,
+            "delete in b"
+        );
+        ensure_eq!(
+            a.get("shared").await.ctx("get in a")?.map(|kv| kv.value),
+            Some(b("in-a")),
+            "namespace a's value after b wrote and deleted the same key"
+        );
         Ok(())
     }
 
@@ -294,9 +584,16 @@ cases! {
     async fn handles_share(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
         for i in 0..10 {
-            let r = a.put("s", b(&i.to_string()), PutOptions::default()).await.ctx("put s")?;
+            let r = a
+                .put("s", b(&i.to_string()), PutOptions::default())
+                .await
+                .ctx("put s")?;
             let kv = c.get("s").await.ctx("get s from the other handle")?;
-            ensure_eq!(kv.map(|kv| (kv.value, kv.revision)), Some((b(&i.to_string()), r)), "the other handle's read after write {i}");
+            ensure_eq!(
+                kv.map(|kv| (kv.value, kv.revision)),
+                Some((b(&i.to_string()), r)),
+                "the other handle's read after write {i}"
+            );
         }
         Ok(())
     }
@@ -309,8 +606,14 @@ cases! {
         let mut last = 0;
         for i in 0..10 {
             let h = if i % 2 == 0 { &a } else { &c };
-            let r = h.put(&format!("g{i}"), b("v"), PutOptions::default()).await.ctx("put")?;
-            ensure!(r > last, "expected write {i} (key g{i}) to get a revision > {last}, got {r}");
+            let r = h
+                .put(&format!("g{i}"), b("v"), PutOptions::default())
+                .await
+                .ctx("put")?;
+            ensure!(
+                r > last,
+                "expected write {i} (key g{i}) to get a revision > {last}, got {r}"
+            );
             last = r;
         }
         Ok(())
@@ -330,7 +633,10 @@ cases! {
                     let (n, opts) = match cur {
                         None => (0, PutOptions::if_absent()),
                         Some(kv) => (
-                            std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(u64::MAX),
+                            std::str::from_utf8(&kv.value)
+                                .ok()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .unwrap_or(u64::MAX),
                             PutOptions::if_revision(kv.revision),
                         ),
                     };
@@ -344,9 +650,15 @@ cases! {
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| Fail(format!("a worker panicked: {e}")))?.ctx("a CAS worker")?;
+            t.await
+                .map_err(|e| Fail(format!("a worker panicked: {e}")))?
+                .ctx("a CAS worker")?;
         }
-        let v = handles[0].get("counter").await.ctx("get counter")?.map(|kv| kv.value);
+        let v = handles[0]
+            .get("counter")
+            .await
+            .ctx("get counter")?
+            .map(|kv| kv.value);
         ensure_eq!(v, Some(b("50")), "the counter after 5×10 CAS increments");
         Ok(())
     }
@@ -368,13 +680,19 @@ cases! {
         }
         let mut history = Vec::new();
         for t in tasks {
-            history.extend(t.await.map_err(|e| Fail(format!("a client panicked: {e}")))?);
+            history.extend(
+                t.await
+                    .map_err(|e| Fail(format!("a client panicked: {e}")))?,
+            );
         }
         let n = history.len();
         let verdict = tokio::task::spawn_blocking(move || check_kv(&history))
             .await
             .map_err(|e| Fail(format!("the checker panicked: {e}")))?;
-        ensure!(verdict == Verdict::Linearizable, "expected the history of {n} ops (seed {seed}) to be linearizable: {verdict}");
+        ensure!(
+            verdict == Verdict::Linearizable,
+            "expected the history of {n} ops (seed {seed}) to be linearizable: {verdict}"
+        );
         Ok(())
     }
 }

@@ -34,14 +34,33 @@ cases! {
     #[case("lock::try_lock_free_then_held")]
     async fn try_lock_held(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        let g = a.try_lock("x", cx.long_lock()).await.ctx("try_lock a free lock")?
-            .ok_or_else(|| Fail("expected try_lock of a free lock to return a guard, got None".into()))?;
-        ensure!(g.fencing_token() > 0, "expected a fencing token > 0, got {}", g.fencing_token());
+        let g = a
+            .try_lock("x", cx.long_lock())
+            .await
+            .ctx("try_lock a free lock")?
+            .ok_or_else(|| {
+                Fail("expected try_lock of a free lock to return a guard, got None".into())
+            })?;
+        ensure!(
+            g.fencing_token() > 0,
+            "expected a fencing token > 0, got {}",
+            g.fencing_token()
+        );
         ensure_eq!(g.name(), "x", "the guard's name");
         let t = Instant::now();
-        let other = c.try_lock("x", cx.long_lock()).await.ctx("try_lock a held lock")?;
-        ensure!(other.is_none(), "expected try_lock of a lock held by another handle to return None, got {other:?}");
-        ensure!(t.elapsed() < Duration::from_secs(5), "expected try_lock not to wait, it took {:?}", t.elapsed());
+        let other = c
+            .try_lock("x", cx.long_lock())
+            .await
+            .ctx("try_lock a held lock")?;
+        ensure!(
+            other.is_none(),
+            "expected try_lock of a lock held by another handle to return None, got {other:?}"
+        );
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "expected try_lock not to wait, it took {:?}",
+            t.elapsed()
+        );
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -53,18 +72,36 @@ cases! {
     async fn same_handle(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let g1 = must_lock(h.as_ref(), "x", cx.long_lock()).await?;
-        let again = h.try_lock("x", cx.long_lock()).await.ctx("try_lock from the same handle")?;
+        let again = h
+            .try_lock("x", cx.long_lock())
+            .await
+            .ctx("try_lock from the same handle")?;
         ensure!(again.is_none(), "expected try_lock from the holder's own handle to return None (locks are not shared by handle), got {again:?}");
         let (h2, opts) = (h.clone(), cx.long_lock());
         let mut waiter = tokio::spawn(async move { h2.lock("x", opts).await });
-        ensure!(tokio::time::timeout(Duration::from_millis(300), &mut waiter).await.is_err(),
-            "expected a second task of the same handle to wait while the first holds the lock");
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+                .await
+                .is_err(),
+            "expected a second task of the same handle to wait while the first holds the lock"
+        );
         let t1 = g1.fencing_token();
         g1.release().await.ctx("release")?;
-        let g2 = tokio::time::timeout(cx.wake_bound(), waiter).await
-            .map_err(|_| Fail(format!("expected the second task to acquire within {:?} of the release", cx.wake_bound())))?
-            .map_err(|e| Fail(format!("waiter panicked: {e}")))?.ctx("lock by the second task")?;
-        ensure!(g2.fencing_token() > t1, "expected the second holder's token > {t1}, got {}", g2.fencing_token());
+        let g2 = tokio::time::timeout(cx.wake_bound(), waiter)
+            .await
+            .map_err(|_| {
+                Fail(format!(
+                    "expected the second task to acquire within {:?} of the release",
+                    cx.wake_bound()
+                ))
+            })?
+            .map_err(|e| Fail(format!("waiter panicked: {e}")))?
+            .ctx("lock by the second task")?;
+        ensure!(
+            g2.fencing_token() > t1,
+            "expected the second holder's token > {t1}, got {}",
+            g2.fencing_token()
+        );
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -78,10 +115,20 @@ cases! {
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
         let t = Instant::now();
         let wait = Duration::from_millis(300);
-        expect_err!(c.lock("x", cx.long_lock().with_wait(wait)).await, Error::Timeout { .. }, "lock with wait {wait:?} on a held lock");
+        expect_err!(
+            c.lock("x", cx.long_lock().with_wait(wait)).await,
+            Error::Timeout { .. },
+            "lock with wait {wait:?} on a held lock"
+        );
         let took = t.elapsed();
-        ensure!(took >= wait - Duration::from_millis(50), "expected the wait to last about {wait:?}, it returned after {took:?}");
-        ensure!(took < wait + Duration::from_secs(5), "expected the wait to end about {wait:?}, it took {took:?}");
+        ensure!(
+            took >= wait - Duration::from_millis(50),
+            "expected the wait to last about {wait:?}, it returned after {took:?}"
+        );
+        ensure!(
+            took < wait + Duration::from_secs(5),
+            "expected the wait to end about {wait:?}, it took {took:?}"
+        );
         g.release().await.ctx("release")?;
         let g2 = c.lock("x", cx.long_lock().with_wait(cx.wake_bound())).await
             .ctx(format!("lock after the holder released (an orphan entry of the timed-out waiter would block it for the {:?} TTL)", cx.long_lock_ttl()))?;
@@ -94,12 +141,22 @@ cases! {
     #[case("lock::wait_zero_tries_once")]
     async fn wait_zero(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        let g = c.lock("y", cx.long_lock().with_wait(Duration::ZERO)).await.ctx("lock with wait 0 on a free lock")?;
+        let g = c
+            .lock("y", cx.long_lock().with_wait(Duration::ZERO))
+            .await
+            .ctx("lock with wait 0 on a free lock")?;
         g.release().await.ctx("release")?;
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
-        expect_err!(c.lock("x", cx.long_lock().with_wait(Duration::ZERO)).await, Error::Timeout { .. }, "lock with wait 0 on a held lock");
+        expect_err!(
+            c.lock("x", cx.long_lock().with_wait(Duration::ZERO)).await,
+            Error::Timeout { .. },
+            "lock with wait 0 on a held lock"
+        );
         g.release().await.ctx("release")?;
-        ensure!(is_free(c.as_ref(), "x", &cx.long_lock()).await?, "expected x to be free after release (no orphan from the wait-0 attempt)");
+        ensure!(
+            is_free(c.as_ref(), "x", &cx.long_lock()).await?,
+            "expected x to be free after release (no orphan from the wait-0 attempt)"
+        );
         Ok(())
     }
 
@@ -111,8 +168,12 @@ cases! {
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
         for i in 0..3 {
             let pending = c.lock("x", cx.long_lock());
-            ensure!(tokio::time::timeout(Duration::from_millis(200), pending).await.is_err(),
-                "expected waiter {i} to still be waiting while x is held (it acquired)");
+            ensure!(
+                tokio::time::timeout(Duration::from_millis(200), pending)
+                    .await
+                    .is_err(),
+                "expected waiter {i} to still be waiting while x is held (it acquired)"
+            );
         }
         g.release().await.ctx("release")?;
         let g2 = d.lock("x", cx.long_lock().with_wait(cx.wake_bound())).await
@@ -131,7 +192,10 @@ cases! {
             let h = &hs[(i / 2) % 3];
             let g = must_lock(h.as_ref(), "t", cx.long_lock()).await?;
             let t = g.fencing_token();
-            ensure!(t > last, "expected holder {i}'s token to be > {last} (the previous holder's), got {t}");
+            ensure!(
+                t > last,
+                "expected holder {i}'s token to be > {last} (the previous holder's), got {t}"
+            );
             last = t;
             g.release().await.ctx("release")?;
         }
@@ -147,10 +211,18 @@ cases! {
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
         g.release().await.ctx("first release")?;
         g.release().await.ctx("second release")?;
-        let g2 = c.try_lock("x", cx.long_lock()).await.ctx("try_lock after release")?
+        let g2 = c
+            .try_lock("x", cx.long_lock())
+            .await
+            .ctx("try_lock after release")?
             .ok_or_else(|| Fail("expected x to be free after release".into()))?;
-        g.release().await.ctx("third release, while another handle holds the lock")?;
-        ensure!(!is_free(d.as_ref(), "x", &cx.long_lock()).await?, "expected x to stay held by the new holder after the old guard released again");
+        g.release()
+            .await
+            .ctx("third release, while another handle holds the lock")?;
+        ensure!(
+            !is_free(d.as_ref(), "x", &cx.long_lock()).await?,
+            "expected x to stay held by the new holder after the old guard released again"
+        );
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -161,10 +233,14 @@ cases! {
     async fn lost_after_release(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let g = must_lock(h.as_ref(), "x", cx.long_lock()).await?;
-        ensure!(!g.is_lost(), "expected a freshly acquired guard not to be lost");
+        ensure!(
+            !g.is_lost(),
+            "expected a freshly acquired guard not to be lost"
+        );
         let lost = g.lost();
         g.release().await.ctx("release")?;
-        tokio::time::timeout(Duration::from_secs(5), lost).await
+        tokio::time::timeout(Duration::from_secs(5), lost)
+            .await
             .map_err(|_| Fail("expected lost() to complete after release".into()))?;
         ensure!(g.is_lost(), "expected is_lost() after release");
         Ok(())
@@ -177,8 +253,14 @@ cases! {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
         drop(g);
-        let g2 = c.lock("x", cx.long_lock().with_wait(cx.wake_bound())).await
-            .ctx(format!("lock within {:?} after the holder dropped its guard (TTL {:?})", cx.wake_bound(), cx.long_lock_ttl()))?;
+        let g2 = c
+            .lock("x", cx.long_lock().with_wait(cx.wake_bound()))
+            .await
+            .ctx(format!(
+                "lock within {:?} after the holder dropped its guard (TTL {:?})",
+                cx.wake_bound(),
+                cx.long_lock_ttl()
+            ))?;
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -195,17 +277,29 @@ cases! {
             let g = c.lock("x", opts).await;
             (g, Instant::now())
         });
-        ensure!(tokio::time::timeout(Duration::from_millis(300), &mut waiter).await.is_err(),
-            "expected the waiter to wait while x is held");
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+                .await
+                .is_err(),
+            "expected the waiter to wait while x is held"
+        );
         g.release().await.ctx("release")?;
         let released = Instant::now();
         let bound = cx.wake_bound();
-        let (g2, at) = tokio::time::timeout(bound + Duration::from_secs(1), waiter).await
-            .map_err(|_| Fail(format!("expected the waiter to acquire within {bound:?} of the release")))?
+        let (g2, at) = tokio::time::timeout(bound + Duration::from_secs(1), waiter)
+            .await
+            .map_err(|_| {
+                Fail(format!(
+                    "expected the waiter to acquire within {bound:?} of the release"
+                ))
+            })?
             .map_err(|e| Fail(format!("waiter panicked: {e}")))?;
         let g2 = g2.ctx("the waiter's lock")?;
         let took = at.saturating_duration_since(released);
-        ensure!(took <= bound, "expected the waiter to acquire within {bound:?} of the release, it took {took:?}");
+        ensure!(
+            took <= bound,
+            "expected the waiter to acquire within {bound:?} of the release, it took {took:?}"
+        );
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -218,11 +312,28 @@ cases! {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let ttl = cx.short_lock_ttl();
         let g = must_lock(a.as_ref(), "x", LockOptions::ttl(ttl)).await?;
-        expect_err!(c.lock("x", LockOptions::ttl(ttl).with_wait(ttl * 5)).await, Error::Timeout { .. },
-            "another handle's lock with wait 5×TTL ({:?}) while the holder renews", ttl * 5);
-        ensure!(!g.is_lost(), "expected the renewed guard not to be lost after 5×TTL");
-        let o = a.txn(TxnRequest::new().when([Compare::held(&g)]).then([Op::put("f", "a")])).await.ctx("fenced write")?;
-        ensure!(o.succeeded, "expected a fenced write with the renewed guard to commit");
+        expect_err!(
+            c.lock("x", LockOptions::ttl(ttl).with_wait(ttl * 5)).await,
+            Error::Timeout { .. },
+            "another handle's lock with wait 5×TTL ({:?}) while the holder renews",
+            ttl * 5
+        );
+        ensure!(
+            !g.is_lost(),
+            "expected the renewed guard not to be lost after 5×TTL"
+        );
+        let o = a
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&g)])
+                    .then([Op::put("f", "a")]),
+            )
+            .await
+            .ctx("fenced write")?;
+        ensure!(
+            o.succeeded,
+            "expected a fenced write with the renewed guard to commit"
+        );
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -239,18 +350,59 @@ cases! {
         let old = must_lock(a.as_ref(), "x", LockOptions::ttl(ttl)).await?;
         let t = Instant::now();
         old.abandon().await;
-        let new = c.lock("x", LockOptions::ttl(cx.long_lock_ttl()).with_wait(bound)).await
-            .ctx(format!("lock by another handle within TTL + granularity + slack ({bound:?}) of abandoning"))?;
+        let new = c
+            .lock("x", LockOptions::ttl(cx.long_lock_ttl()).with_wait(bound))
+            .await
+            .ctx(format!(
+                "lock by another handle within TTL + granularity + slack ({bound:?}) of abandoning"
+            ))?;
         let took = t.elapsed();
         ensure!(took >= ttl / 4, "expected the abandoned lock to stay held for a while (TTL {ttl:?}), another handle got it after {took:?}");
-        ensure!(new.fencing_token() > old.fencing_token(), "expected the new holder's token > {}, got {}", old.fencing_token(), new.fencing_token());
-        tokio::time::timeout(bound.saturating_sub(t.elapsed()) + Duration::from_millis(100), old.lost()).await
-            .map_err(|_| Fail(format!("expected the abandoned guard's lost() to fire within {bound:?}")))?;
-        let stale = c.txn(TxnRequest::new().when([Compare::held(&old)]).then([Op::put("f", "old")])).await.ctx("fenced write with the stale guard")?;
-        ensure!(!stale.succeeded, "expected a fenced write with the expired guard to fail");
-        let fresh = c.txn(TxnRequest::new().when([Compare::held(&new)]).then([Op::put("f", "new")])).await.ctx("fenced write with the new guard")?;
-        ensure!(fresh.succeeded, "expected a fenced write with the new holder's guard to commit");
-        ensure_eq!(c.get("f").await.ctx("get f")?.map(|kv| kv.value), Some(b("new")), "the fenced key");
+        ensure!(
+            new.fencing_token() > old.fencing_token(),
+            "expected the new holder's token > {}, got {}",
+            old.fencing_token(),
+            new.fencing_token()
+        );
+        tokio::time::timeout(
+            bound.saturating_sub(t.elapsed()) + Duration::from_millis(100),
+            old.lost(),
+        )
+        .await
+        .map_err(|_| {
+            Fail(format!(
+                "expected the abandoned guard's lost() to fire within {bound:?}"
+            ))
+        })?;
+        let stale = c
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&old)])
+                    .then([Op::put("f", "old")]),
+            )
+            .await
+            .ctx("fenced write with the stale guard")?;
+        ensure!(
+            !stale.succeeded,
+            "expected a fenced write with the expired guard to fail"
+        );
+        let fresh = c
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&new)])
+                    .then([Op::put("f", "new")]),
+            )
+            .await
+            .ctx("fenced write with the new guard")?;
+        ensure!(
+            fresh.succeeded,
+            "expected a fenced write with the new holder's guard to commit"
+        );
+        ensure_eq!(
+            c.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            Some(b("new")),
+            "the fenced key"
+        );
         new.release().await.ctx("release")?;
         Ok(())
     }
@@ -263,12 +415,30 @@ cases! {
         let ttl = cx.short_lock_ttl();
         let old = must_lock(a.as_ref(), "x", LockOptions::ttl(ttl)).await?;
         old.abandon().await;
-        let new = c.lock("x", LockOptions::ttl(cx.long_lock_ttl()).with_wait(cx.expiry_bound(ttl))).await
+        let new = c
+            .lock(
+                "x",
+                LockOptions::ttl(cx.long_lock_ttl()).with_wait(cx.expiry_bound(ttl)),
+            )
+            .await
             .ctx("lock after the old lease expired")?;
         old.release().await.ctx("release of the stale guard")?;
-        ensure!(!is_free(d.as_ref(), "x", &cx.long_lock()).await?, "expected x to stay held by the new holder after the stale guard's release");
-        let o = c.txn(TxnRequest::new().when([Compare::held(&new)]).then([Op::put("f", "new")])).await.ctx("fenced write")?;
-        ensure!(o.succeeded, "expected the new holder's fenced write to commit after the stale release");
+        ensure!(
+            !is_free(d.as_ref(), "x", &cx.long_lock()).await?,
+            "expected x to stay held by the new holder after the stale guard's release"
+        );
+        let o = c
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&new)])
+                    .then([Op::put("f", "new")]),
+            )
+            .await
+            .ctx("fenced write")?;
+        ensure!(
+            o.succeeded,
+            "expected the new holder's fenced write to commit after the stale release"
+        );
         new.release().await.ctx("release")?;
         Ok(())
     }
@@ -286,7 +456,12 @@ cases! {
         let counter = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for task in 0..8usize {
-            let (h, inside, counter, opts) = (hs[task % 4].clone(), inside.clone(), counter.clone(), cx.long_lock());
+            let (h, inside, counter, opts) = (
+                hs[task % 4].clone(),
+                inside.clone(),
+                counter.clone(),
+                cx.long_lock(),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut hist = Vec::new();
                 for _ in 0..25 {
@@ -309,14 +484,30 @@ cases! {
         let mut history = Vec::new();
         let mut first_err = None;
         for t in tasks {
-            match t.await.map_err(|e| Fail(format!("a task panicked: {e}"))).and_then(|r| r) {
+            match t
+                .await
+                .map_err(|e| Fail(format!("a task panicked: {e}")))
+                .and_then(|r| r)
+            {
                 Ok(h) => history.extend(h),
-                Err(e) => { first_err.get_or_insert(e); }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        check_exclusion(&history).map_err(|v| Fail(format!("expected the lock history of 8 tasks to show exclusion and increasing tokens: {v}")))?;
-        if let Some(e) = first_err { return Err(e); }
-        ensure_eq!(counter.load(Ordering::SeqCst), 200, "the counter incremented under the lock 8×25 times");
+        check_exclusion(&history).map_err(|v| {
+            Fail(format!(
+                "expected the lock history of 8 tasks to show exclusion and increasing tokens: {v}"
+            ))
+        })?;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        ensure_eq!(
+            counter.load(Ordering::SeqCst),
+            200,
+            "the counter incremented under the lock 8×25 times"
+        );
         Ok(())
     }
 
@@ -328,14 +519,30 @@ cases! {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let mut guards = Vec::new();
         for i in 0..50 {
-            guards.push(a.try_lock(&format!("n{i}"), cx.long_lock()).await.ctx("try_lock")?
-                .ok_or_else(|| Fail(format!("expected free lock n{i} to be taken while n0..n{i} are held")))?);
+            guards.push(
+                a.try_lock(&format!("n{i}"), cx.long_lock())
+                    .await
+                    .ctx("try_lock")?
+                    .ok_or_else(|| {
+                        Fail(format!(
+                            "expected free lock n{i} to be taken while n0..n{i} are held"
+                        ))
+                    })?,
+            );
         }
         for i in [0, 17, 49] {
-            ensure!(!is_free(c.as_ref(), &format!("n{i}"), &cx.long_lock()).await?, "expected n{i} to be held");
+            ensure!(
+                !is_free(c.as_ref(), &format!("n{i}"), &cx.long_lock()).await?,
+                "expected n{i} to be held"
+            );
         }
-        ensure!(is_free(c.as_ref(), "n50", &cx.long_lock()).await?, "expected n50 to be free");
-        for g in guards { g.release().await.ctx("release")?; }
+        ensure!(
+            is_free(c.as_ref(), "n50", &cx.long_lock()).await?,
+            "expected n50 to be free"
+        );
+        for g in guards {
+            g.release().await.ctx("release")?;
+        }
         Ok(())
     }
 
@@ -347,13 +554,26 @@ cases! {
         let names = ["a/b", "a", "a/", "/a", "with space", "ünï/✓", "/"];
         let mut guards = Vec::new();
         for n in names {
-            guards.push(a.try_lock(n, cx.long_lock()).await.ctx(format!("try_lock {n:?}"))?
-                .ok_or_else(|| Fail(format!("expected lock {n:?} to be free while the other odd names are held")))?);
+            guards.push(
+                a.try_lock(n, cx.long_lock())
+                    .await
+                    .ctx(format!("try_lock {n:?}"))?
+                    .ok_or_else(|| {
+                        Fail(format!(
+                            "expected lock {n:?} to be free while the other odd names are held"
+                        ))
+                    })?,
+            );
         }
         for n in names {
-            ensure!(!is_free(c.as_ref(), n, &cx.long_lock()).await?, "expected {n:?} to be held by the first handle");
+            ensure!(
+                !is_free(c.as_ref(), n, &cx.long_lock()).await?,
+                "expected {n:?} to be held by the first handle"
+            );
         }
-        for g in guards { g.release().await.ctx("release")?; }
+        for g in guards {
+            g.release().await.ctx("release")?;
+        }
         Ok(())
     }
 
@@ -362,14 +582,28 @@ cases! {
     #[case("lock::entries_hidden_from_kv")]
     async fn hidden(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("k", b("mine"), PutOptions::default()).await.ctx("put k")?;
+        h.put("k", b("mine"), PutOptions::default())
+            .await
+            .ctx("put k")?;
         let g1 = must_lock(h.as_ref(), "k", cx.long_lock()).await?;
         let g2 = must_lock(h.as_ref(), "other", cx.long_lock()).await?;
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["k"], "keys listed while two locks are held");
-        ensure_eq!(h.get("k").await.ctx("get k")?.map(|kv| kv.value), Some(b("mine")), "the user key named like a held lock");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["k"],
+            "keys listed while two locks are held"
+        );
+        ensure_eq!(
+            h.get("k").await.ctx("get k")?.map(|kv| kv.value),
+            Some(b("mine")),
+            "the user key named like a held lock"
+        );
         g1.release().await.ctx("release")?;
         g2.release().await.ctx("release")?;
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["k"], "keys listed after release");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["k"],
+            "keys listed after release"
+        );
         Ok(())
     }
 
@@ -379,7 +613,10 @@ cases! {
         let a = cx.open().await?;
         let o = cx.open_other("other").await?;
         let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
-        ensure!(is_free(o.as_ref(), "x", &cx.long_lock()).await?, "expected lock x of another namespace to be free while x is held here");
+        ensure!(
+            is_free(o.as_ref(), "x", &cx.long_lock()).await?,
+            "expected lock x of another namespace to be free while x is held here"
+        );
         g.release().await.ctx("release")?;
         Ok(())
     }

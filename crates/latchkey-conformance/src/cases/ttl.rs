@@ -42,12 +42,27 @@ cases! {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
         let t = Instant::now();
-        h.put("k", b("v"), PutOptions::ttl(ttl)).await.ctx("put with TTL")?;
-        h.put("stay", b("v"), PutOptions::default()).await.ctx("put without TTL")?;
-        let kv = h.get("k").await.ctx("get k")?.ok_or_else(|| Fail("expected a TTL key to exist right after its put".into()))?;
-        ensure!(kv.lease_ttl.is_some(), "expected lease_ttl to be set on a key put with a TTL, got None");
+        h.put("k", b("v"), PutOptions::ttl(ttl))
+            .await
+            .ctx("put with TTL")?;
+        h.put("stay", b("v"), PutOptions::default())
+            .await
+            .ctx("put without TTL")?;
+        let kv = h
+            .get("k")
+            .await
+            .ctx("get k")?
+            .ok_or_else(|| Fail("expected a TTL key to exist right after its put".into()))?;
+        ensure!(
+            kv.lease_ttl.is_some(),
+            "expected lease_ttl to be set on a key put with a TTL, got None"
+        );
         expect_expiry(&cx, &h, "k", ttl, t).await?;
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["stay"], "keys listed after the TTL key expired");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["stay"],
+            "keys listed after the TTL key expired"
+        );
         Ok(())
     }
 
@@ -57,15 +72,27 @@ cases! {
     async fn put_clears_ttl(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
-        h.put("k", b("1"), PutOptions::ttl(ttl)).await.ctx("put with TTL")?;
-        h.put("k", b("2"), PutOptions::default()).await.ctx("put without TTL")?;
+        h.put("k", b("1"), PutOptions::ttl(ttl))
+            .await
+            .ctx("put with TTL")?;
+        h.put("k", b("2"), PutOptions::default())
+            .await
+            .ctx("put without TTL")?;
         let t = Instant::now();
-        let kv = h.get("k").await.ctx("get")?.ok_or_else(|| Fail("expected k to exist".into()))?;
+        let kv = h
+            .get("k")
+            .await
+            .ctx("get")?
+            .ok_or_else(|| Fail("expected k to exist".into()))?;
         ensure_eq!(kv.lease_ttl, None, "lease_ttl after a put without TTL");
         let bound = cx.expiry_bound(ttl);
         // Time passing is what is tested: check the key all along the old TTL.
         while t.elapsed() < bound {
-            ensure!(h.get("k").await.ctx("get")?.is_some(), "expected k to survive its removed TTL, it was gone after {:?}", t.elapsed());
+            ensure!(
+                h.get("k").await.ctx("get")?.is_some(),
+                "expected k to survive its removed TTL, it was gone after {:?}",
+                t.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
@@ -78,10 +105,19 @@ cases! {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
         let t = Instant::now();
-        let r1 = h.put("k", b("v"), PutOptions::ttl(ttl)).await.ctx("put with TTL")?;
+        let r1 = h
+            .put("k", b("v"), PutOptions::ttl(ttl))
+            .await
+            .ctx("put with TTL")?;
         expect_expiry(&cx, &h, "k", ttl, t).await?;
-        let r2 = h.put("k", b("v"), PutOptions::if_absent()).await.ctx("if_absent put after expiry")?;
-        ensure!(r2 > r1, "expected the recreated key's revision > {r1}, got {r2}");
+        let r2 = h
+            .put("k", b("v"), PutOptions::if_absent())
+            .await
+            .ctx("if_absent put after expiry")?;
+        ensure!(
+            r2 > r1,
+            "expected the recreated key's revision > {r1}, got {r2}"
+        );
         Ok(())
     }
 
@@ -92,7 +128,9 @@ cases! {
         let ttl = cx.short_kv_ttl();
         let r = h.put("k", b("1"), PutOptions::default()).await.ctx("put")?;
         let t = Instant::now();
-        h.put("k", b("2"), PutOptions::if_revision(r).with_ttl(ttl)).await.ctx("CAS with TTL")?;
+        h.put("k", b("2"), PutOptions::if_revision(r).with_ttl(ttl))
+            .await
+            .ctx("CAS with TTL")?;
         expect_expiry(&cx, &h, "k", ttl, t).await
     }
 
@@ -103,9 +141,14 @@ cases! {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
         let t = Instant::now();
-        h.txn(TxnRequest::new().then([Op::put_with_ttl("k", "v", ttl), Op::put("stay", "v")])).await.ctx("txn")?;
+        h.txn(TxnRequest::new().then([Op::put_with_ttl("k", "v", ttl), Op::put("stay", "v")]))
+            .await
+            .ctx("txn")?;
         expect_expiry(&cx, &h, "k", ttl, t).await?;
-        ensure!(h.get("stay").await.ctx("get stay")?.is_some(), "expected the txn's put without TTL to stay");
+        ensure!(
+            h.get("stay").await.ctx("get stay")?.is_some(),
+            "expected the txn's put without TTL to stay"
+        );
         Ok(())
     }
 
@@ -115,12 +158,20 @@ cases! {
     async fn extend(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
-        h.put("k", b("1"), PutOptions::ttl(ttl)).await.ctx("put with TTL")?;
+        h.put("k", b("1"), PutOptions::ttl(ttl))
+            .await
+            .ctx("put with TTL")?;
         let t = Instant::now();
-        h.put("k", b("2"), PutOptions::ttl(Duration::from_secs(60))).await.ctx("put with a 60 s TTL")?;
+        h.put("k", b("2"), PutOptions::ttl(Duration::from_secs(60)))
+            .await
+            .ctx("put with a 60 s TTL")?;
         let bound = cx.expiry_bound(ttl);
         while t.elapsed() < bound {
-            ensure!(h.get("k").await.ctx("get")?.is_some(), "expected k to live on with its new 60 s TTL, it was gone after {:?}", t.elapsed());
+            ensure!(
+                h.get("k").await.ctx("get")?.is_some(),
+                "expected k to live on with its new 60 s TTL, it was gone after {:?}",
+                t.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())

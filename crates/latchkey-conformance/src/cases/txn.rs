@@ -36,17 +36,36 @@ cases! {
     #[case("txn::empty_when_runs_then")]
     async fn empty_when(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let o = h.txn(TxnRequest::new().then([Op::put("a", "1"), Op::put("b", "2")])).await.ctx("txn")?;
+        let o = h
+            .txn(TxnRequest::new().then([Op::put("a", "1"), Op::put("b", "2")]))
+            .await
+            .ctx("txn")?;
         ensure!(o.succeeded, "expected a txn without compares to succeed");
         ensure_eq!(o.results.len(), 2, "number of results");
         for (i, k) in ["a", "b"].iter().enumerate() {
             let rev = match &o.results[i] {
                 OpResult::Put { revision } => *revision,
-                other => return Err(Fail(format!("expected result {i} to be a Put, got {other:?}"))),
+                other => {
+                    return Err(Fail(format!(
+                        "expected result {i} to be a Put, got {other:?}"
+                    )))
+                }
             };
-            let kv = h.get(k).await.ctx("get")?.ok_or_else(|| Fail(format!("expected {k} to exist after the txn")))?;
-            ensure_eq!(kv.revision, rev, "the revision of {k} (its put result said so)");
-            ensure!(o.revision >= rev, "expected TxnOutcome.revision ({}) to be at least the revision of its writes ({rev})", o.revision);
+            let kv = h
+                .get(k)
+                .await
+                .ctx("get")?
+                .ok_or_else(|| Fail(format!("expected {k} to exist after the txn")))?;
+            ensure_eq!(
+                kv.revision,
+                rev,
+                "the revision of {k} (its put result said so)"
+            );
+            ensure!(
+                o.revision >= rev,
+                "expected TxnOutcome.revision ({}) to be at least the revision of its writes ({rev})",
+                o.revision
+            );
         }
         Ok(())
     }
@@ -56,17 +75,32 @@ cases! {
     #[case("txn::compare_value_both_branches")]
     async fn compare_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("s", b("active"), PutOptions::default()).await.ctx("put s")?;
-        let t = |expect: &str| TxnRequest::new()
-            .when([Compare::value("s", expect.to_string())])
-            .then([Op::put("branch", "then")])
-            .otherwise([Op::put("branch", "otherwise")]);
+        h.put("s", b("active"), PutOptions::default())
+            .await
+            .ctx("put s")?;
+        let t = |expect: &str| {
+            TxnRequest::new()
+                .when([Compare::value("s", expect.to_string())])
+                .then([Op::put("branch", "then")])
+                .otherwise([Op::put("branch", "otherwise")])
+        };
         let o = h.txn(t("active")).await.ctx("txn value == active")?;
         ensure!(o.succeeded, "expected value(s) == \"active\" to hold");
-        ensure_eq!(h.get("branch").await.ctx("get")?.map(|kv| kv.value), Some(b("then")), "the key written by the then branch");
+        ensure_eq!(
+            h.get("branch").await.ctx("get")?.map(|kv| kv.value),
+            Some(b("then")),
+            "the key written by the then branch"
+        );
         let o = h.txn(t("inactive")).await.ctx("txn value == inactive")?;
-        ensure!(!o.succeeded, "expected value(s) == \"inactive\" not to hold");
-        ensure_eq!(h.get("branch").await.ctx("get")?.map(|kv| kv.value), Some(b("otherwise")), "the key written by the otherwise branch");
+        ensure!(
+            !o.succeeded,
+            "expected value(s) == \"inactive\" not to hold"
+        );
+        ensure_eq!(
+            h.get("branch").await.ctx("get")?.map(|kv| kv.value),
+            Some(b("otherwise")),
+            "the key written by the otherwise branch"
+        );
         Ok(())
     }
 
@@ -74,8 +108,14 @@ cases! {
     #[case("txn::compare_value_on_missing_key_is_false")]
     async fn compare_value_missing(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        ensure!(!branch(h.as_ref(), Compare::value("missing", "")).await?, "expected value(missing) == \"\" to be false");
-        ensure!(!branch(h.as_ref(), Compare::value("missing", "x")).await?, "expected value(missing) == \"x\" to be false");
+        ensure!(
+            !branch(h.as_ref(), Compare::value("missing", "")).await?,
+            "expected value(missing) == \"\" to be false"
+        );
+        ensure!(
+            !branch(h.as_ref(), Compare::value("missing", "x")).await?,
+            "expected value(missing) == \"x\" to be false"
+        );
         Ok(())
     }
 
@@ -84,14 +124,34 @@ cases! {
     #[case("txn::compare_exists_and_absent")]
     async fn exists_absent(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        ensure!(!branch(h.as_ref(), Compare::exists("e")).await?, "expected exists(e) to be false before any write");
-        ensure!(branch(h.as_ref(), Compare::absent("e")).await?, "expected absent(e) to be true before any write");
-        h.put("e", b(""), PutOptions::default()).await.ctx("put e")?;
-        ensure!(branch(h.as_ref(), Compare::exists("e")).await?, "expected exists(e) after a put (of an empty value)");
-        ensure!(!branch(h.as_ref(), Compare::absent("e")).await?, "expected absent(e) to be false after a put");
+        ensure!(
+            !branch(h.as_ref(), Compare::exists("e")).await?,
+            "expected exists(e) to be false before any write"
+        );
+        ensure!(
+            branch(h.as_ref(), Compare::absent("e")).await?,
+            "expected absent(e) to be true before any write"
+        );
+        h.put("e", b(""), PutOptions::default())
+            .await
+            .ctx("put e")?;
+        ensure!(
+            branch(h.as_ref(), Compare::exists("e")).await?,
+            "expected exists(e) after a put (of an empty value)"
+        );
+        ensure!(
+            !branch(h.as_ref(), Compare::absent("e")).await?,
+            "expected absent(e) to be false after a put"
+        );
         h.delete("e", Default::default()).await.ctx("delete e")?;
-        ensure!(!branch(h.as_ref(), Compare::exists("e")).await?, "expected exists(e) to be false after delete");
-        ensure!(branch(h.as_ref(), Compare::absent("e")).await?, "expected absent(e) after delete");
+        ensure!(
+            !branch(h.as_ref(), Compare::exists("e")).await?,
+            "expected exists(e) to be false after delete"
+        );
+        ensure!(
+            branch(h.as_ref(), Compare::absent("e")).await?,
+            "expected absent(e) after delete"
+        );
         Ok(())
     }
 
@@ -100,20 +160,36 @@ cases! {
     #[case("txn::compare_revision_all_ops")]
     async fn compare_revision(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h.put("r", b("v"), PutOptions::default()).await.ctx("put r")?;
+        let r = h
+            .put("r", b("v"), PutOptions::default())
+            .await
+            .ctx("put r")?;
         let table = [
-            (CmpOp::Equal, r, true), (CmpOp::Equal, r + 1, false),
-            (CmpOp::NotEqual, r, false), (CmpOp::NotEqual, r - 1, true),
-            (CmpOp::Less, r + 1, true), (CmpOp::Less, r, false),
-            (CmpOp::Greater, r - 1, true), (CmpOp::Greater, r, false),
+            (CmpOp::Equal, r, true),
+            (CmpOp::Equal, r + 1, false),
+            (CmpOp::NotEqual, r, false),
+            (CmpOp::NotEqual, r - 1, true),
+            (CmpOp::Less, r + 1, true),
+            (CmpOp::Less, r, false),
+            (CmpOp::Greater, r - 1, true),
+            (CmpOp::Greater, r, false),
         ];
         for (op, rev, want) in table {
             let got = branch(h.as_ref(), Compare::revision("r", op, rev)).await?;
             ensure_eq!(got, want, "revision(r) {op:?} {rev} with r at revision {r}");
         }
-        for (op, rev, want) in [(CmpOp::Equal, 0, true), (CmpOp::Less, 1, true), (CmpOp::Greater, 0, false), (CmpOp::NotEqual, 0, false)] {
+        for (op, rev, want) in [
+            (CmpOp::Equal, 0, true),
+            (CmpOp::Less, 1, true),
+            (CmpOp::Greater, 0, false),
+            (CmpOp::NotEqual, 0, false),
+        ] {
             let got = branch(h.as_ref(), Compare::revision("missing", op, rev)).await?;
-            ensure_eq!(got, want, "revision(missing) {op:?} {rev} (a missing key has revision 0)");
+            ensure_eq!(
+                got,
+                want,
+                "revision(missing) {op:?} {rev} (a missing key has revision 0)"
+            );
         }
         Ok(())
     }
@@ -123,19 +199,47 @@ cases! {
     #[case("txn::get_ops_in_results")]
     async fn get_results(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let ra = h.put("a", b("A"), PutOptions::default()).await.ctx("put a")?;
-        h.put("d", b("D"), PutOptions::default()).await.ctx("put d")?;
-        let o = h.txn(TxnRequest::new().when([Compare::exists("a")]).then([
-            Op::get("a"), Op::get("none"), Op::delete("d"), Op::delete("none"), Op::put("n", "N"),
-        ])).await.ctx("txn")?;
+        let ra = h
+            .put("a", b("A"), PutOptions::default())
+            .await
+            .ctx("put a")?;
+        h.put("d", b("D"), PutOptions::default())
+            .await
+            .ctx("put d")?;
+        let o = h
+            .txn(TxnRequest::new().when([Compare::exists("a")]).then([
+                Op::get("a"),
+                Op::get("none"),
+                Op::delete("d"),
+                Op::delete("none"),
+                Op::put("n", "N"),
+            ]))
+            .await
+            .ctx("txn")?;
         ensure!(o.succeeded, "expected exists(a) to hold");
         ensure_eq!(o.results.len(), 5, "number of results");
         ensure_eq!(got(&o, 0)?, Some((b("A"), ra)), "the get of a");
         ensure_eq!(got(&o, 1)?, None, "the get of a missing key");
-        ensure_eq!(o.results[2], OpResult::Delete { deleted: true }, "the delete of an existing key");
-        ensure_eq!(o.results[3], OpResult::Delete { deleted: false }, "the delete of a missing key");
-        ensure!(matches!(o.results[4], OpResult::Put { .. }), "expected result 4 to be a Put, got {:?}", o.results[4]);
-        ensure_eq!(h.get("d").await.ctx("get d")?, None, "d after the txn deleted it");
+        ensure_eq!(
+            o.results[2],
+            OpResult::Delete { deleted: true },
+            "the delete of an existing key"
+        );
+        ensure_eq!(
+            o.results[3],
+            OpResult::Delete { deleted: false },
+            "the delete of a missing key"
+        );
+        ensure!(
+            matches!(o.results[4], OpResult::Put { .. }),
+            "expected result 4 to be a Put, got {:?}",
+            o.results[4]
+        );
+        ensure_eq!(
+            h.get("d").await.ctx("get d")?,
+            None,
+            "d after the txn deleted it"
+        );
         Ok(())
     }
 
@@ -144,16 +248,38 @@ cases! {
     #[case("txn::otherwise_branch_runs_its_ops")]
     async fn otherwise_ops(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let rx = h.put("x", b("X"), PutOptions::default()).await.ctx("put x")?;
-        h.put("gone", b("G"), PutOptions::default()).await.ctx("put gone")?;
-        let o = h.txn(TxnRequest::new()
-            .when([Compare::absent("x")])
-            .then([Op::put("then1", "t"), Op::delete("x")])
-            .otherwise([Op::get("x"), Op::put("other", "o"), Op::delete("gone")])).await.ctx("txn")?;
+        let rx = h
+            .put("x", b("X"), PutOptions::default())
+            .await
+            .ctx("put x")?;
+        h.put("gone", b("G"), PutOptions::default())
+            .await
+            .ctx("put gone")?;
+        let o = h
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::absent("x")])
+                    .then([Op::put("then1", "t"), Op::delete("x")])
+                    .otherwise([Op::get("x"), Op::put("other", "o"), Op::delete("gone")]),
+            )
+            .await
+            .ctx("txn")?;
         ensure!(!o.succeeded, "expected absent(x) to fail");
-        ensure_eq!(o.results.len(), 3, "number of results of the otherwise branch");
-        ensure_eq!(got(&o, 0)?, Some((b("X"), rx)), "the get in the otherwise branch");
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["other", "x"], "keys after the otherwise branch ran");
+        ensure_eq!(
+            o.results.len(),
+            3,
+            "number of results of the otherwise branch"
+        );
+        ensure_eq!(
+            got(&o, 0)?,
+            Some((b("X"), rx)),
+            "the get in the otherwise branch"
+        );
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["other", "x"],
+            "keys after the otherwise branch ran"
+        );
         Ok(())
     }
 
@@ -162,18 +288,55 @@ cases! {
     #[case("txn::all_compares_must_hold")]
     async fn all_compares(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h.put("a", b("1"), PutOptions::default()).await.ctx("put a")?;
+        let r = h
+            .put("a", b("1"), PutOptions::default())
+            .await
+            .ctx("put a")?;
         let then: Vec<Op> = (0..5).map(|i| Op::put(format!("w{i}"), "x")).collect();
-        let o = h.txn(TxnRequest::new()
-            .when([Compare::exists("a"), Compare::value("a", "1"), Compare::revision("a", CmpOp::Equal, r), Compare::exists("b")])
-            .then(then.clone())).await.ctx("txn with one false compare")?;
-        ensure!(!o.succeeded, "expected a txn with one false compare (exists(b)) to fail");
-        ensure_eq!(all_keys(h.as_ref()).await?, vec!["a"], "keys after a failed txn (nothing of then may be written)");
-        let o = h.txn(TxnRequest::new()
-            .when([Compare::exists("a"), Compare::value("a", "1"), Compare::revision("a", CmpOp::Equal, r), Compare::absent("b")])
-            .then(then)).await.ctx("txn with all compares true")?;
-        ensure!(o.succeeded, "expected a txn whose compares all hold to succeed");
-        ensure_eq!(all_keys(h.as_ref()).await?.len(), 6, "number of keys after the successful txn");
+        let o = h
+            .txn(
+                TxnRequest::new()
+                    .when([
+                        Compare::exists("a"),
+                        Compare::value("a", "1"),
+                        Compare::revision("a", CmpOp::Equal, r),
+                        Compare::exists("b"),
+                    ])
+                    .then(then.clone()),
+            )
+            .await
+            .ctx("txn with one false compare")?;
+        ensure!(
+            !o.succeeded,
+            "expected a txn with one false compare (exists(b)) to fail"
+        );
+        ensure_eq!(
+            all_keys(h.as_ref()).await?,
+            vec!["a"],
+            "keys after a failed txn (nothing of then may be written)"
+        );
+        let o = h
+            .txn(
+                TxnRequest::new()
+                    .when([
+                        Compare::exists("a"),
+                        Compare::value("a", "1"),
+                        Compare::revision("a", CmpOp::Equal, r),
+                        Compare::absent("b"),
+                    ])
+                    .then(then),
+            )
+            .await
+            .ctx("txn with all compares true")?;
+        ensure!(
+            o.succeeded,
+            "expected a txn whose compares all hold to succeed"
+        );
+        ensure_eq!(
+            all_keys(h.as_ref()).await?.len(),
+            6,
+            "number of keys after the successful txn"
+        );
         Ok(())
     }
 
@@ -182,12 +345,22 @@ cases! {
     #[case("txn::max_ops_accepted")]
     async fn max_ops(cx: Cx) -> CaseResult {
         let max = cx.caps().max_txn_ops;
-        ensure!(max >= 64, "expected max_txn_ops to be at least 64 (every backend must accept 64), it is {max}");
+        ensure!(
+            max >= 64,
+            "expected max_txn_ops to be at least 64 (every backend must accept 64), it is {max}"
+        );
         let h = cx.open().await?;
-        let o = h.txn(TxnRequest::new().then((0..max).map(|i| Op::put(format!("m/{i:04}"), "v")))).await.ctx(format!("txn of {max} puts"))?;
+        let o = h
+            .txn(TxnRequest::new().then((0..max).map(|i| Op::put(format!("m/{i:04}"), "v"))))
+            .await
+            .ctx(format!("txn of {max} puts"))?;
         ensure!(o.succeeded, "expected the txn of {max} puts to succeed");
         ensure_eq!(o.results.len(), max, "number of results");
-        ensure_eq!(all_keys(h.as_ref()).await?.len(), max, "number of keys written by the txn");
+        ensure_eq!(
+            all_keys(h.as_ref()).await?.len(),
+            max,
+            "number of keys written by the txn"
+        );
         Ok(())
     }
 
@@ -198,10 +371,27 @@ cases! {
         let max = cx.caps().max_txn_ops;
         let h = cx.open().await?;
         let t = TxnRequest::new().then((0..=max).map(|i| Op::put(format!("o/{i:04}"), "v")));
-        expect_err!(h.txn(t).await, Error::InvalidArgument(_), "a txn of {} puts (max_txn_ops {max})", max + 1);
-        let t = TxnRequest::new().when([Compare::absent("x")]).then([Op::put("y", "v")]).otherwise((0..=max).map(|i| Op::put(format!("o/{i:04}"), "v")));
-        expect_err!(h.txn(t).await, Error::InvalidArgument(_), "a txn whose otherwise branch has {} ops", max + 1);
-        ensure_eq!(all_keys(h.as_ref()).await?.len(), 0, "number of keys after rejected txns");
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidArgument(_),
+            "a txn of {} puts (max_txn_ops {max})",
+            max + 1
+        );
+        let t = TxnRequest::new()
+            .when([Compare::absent("x")])
+            .then([Op::put("y", "v")])
+            .otherwise((0..=max).map(|i| Op::put(format!("o/{i:04}"), "v")));
+        expect_err!(
+            h.txn(t).await,
+            Error::InvalidArgument(_),
+            "a txn whose otherwise branch has {} ops",
+            max + 1
+        );
+        ensure_eq!(
+            all_keys(h.as_ref()).await?.len(),
+            0,
+            "number of keys after rejected txns"
+        );
         Ok(())
     }
 
@@ -211,18 +401,31 @@ cases! {
     #[case("txn::concurrent_increments_8x50", destructive = true)]
     async fn concurrent_increments(cx: Cx) -> CaseResult {
         let handles = cx.open_n(4).await?;
-        handles[0].put("n", b("0"), PutOptions::default()).await.ctx("put n")?;
+        handles[0]
+            .put("n", b("0"), PutOptions::default())
+            .await
+            .ctx("put n")?;
         let mut tasks = Vec::new();
         for i in 0..8 {
             let h = handles[i % 4].clone();
             tasks.push(tokio::spawn(async move {
                 let mut done = 0;
                 while done < 50 {
-                    let kv = h.get("n").await?.ok_or_else(|| Error::InvalidArgument("counter vanished".into()))?;
-                    let n: u64 = std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX / 2);
-                    let o = h.txn(TxnRequest::new()
-                        .when([Compare::revision("n", CmpOp::Equal, kv.revision)])
-                        .then([Op::put("n", (n + 1).to_string())])).await?;
+                    let kv = h
+                        .get("n")
+                        .await?
+                        .ok_or_else(|| Error::InvalidArgument("counter vanished".into()))?;
+                    let n: u64 = std::str::from_utf8(&kv.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(u64::MAX / 2);
+                    let o = h
+                        .txn(
+                            TxnRequest::new()
+                                .when([Compare::revision("n", CmpOp::Equal, kv.revision)])
+                                .then([Op::put("n", (n + 1).to_string())]),
+                        )
+                        .await?;
                     if o.succeeded {
                         done += 1;
                     }
@@ -231,9 +434,15 @@ cases! {
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| Fail(format!("a task panicked: {e}")))?.ctx("an increment task")?;
+            t.await
+                .map_err(|e| Fail(format!("a task panicked: {e}")))?
+                .ctx("an increment task")?;
         }
-        ensure_eq!(handles[0].get("n").await.ctx("get n")?.map(|kv| kv.value), Some(b("400")), "the counter after 8×50 txn increments");
+        ensure_eq!(
+            handles[0].get("n").await.ctx("get n")?.map(|kv| kv.value),
+            Some(b("400")),
+            "the counter after 8×50 txn increments"
+        );
         Ok(())
     }
 
@@ -244,46 +453,99 @@ cases! {
     async fn isolation(cx: Cx) -> CaseResult {
         let handles = cx.open_n(5).await?;
         let accounts: Vec<String> = (0..5).map(|i| format!("acct/{i}")).collect();
-        handles[0].txn(TxnRequest::new().then(accounts.iter().map(|a| Op::put(a.clone(), "100")))).await.ctx("seed accounts")?;
+        handles[0]
+            .txn(TxnRequest::new().then(accounts.iter().map(|a| Op::put(a.clone(), "100"))))
+            .await
+            .ctx("seed accounts")?;
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (h, accounts, stop) = (handles[4].clone(), accounts.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut reads = 0u32;
                 while !stop.load(Ordering::SeqCst) || reads < 5 {
-                    let o = h.txn(TxnRequest::new().then(accounts.iter().map(|a| Op::get(a.clone())))).await.map_err(Fail::from)?;
+                    let o = h
+                        .txn(TxnRequest::new().then(accounts.iter().map(|a| Op::get(a.clone()))))
+                        .await
+                        .map_err(Fail::from)?;
                     let mut total = 0i64;
                     for r in &o.results {
                         if let OpResult::Get(Some(kv)) = r {
-                            total += std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or(-1_000_000);
+                            total += std::str::from_utf8(&kv.value)
+                                .ok()
+                                .and_then(|s| s.parse::<i64>().ok())
+                                .unwrap_or(-1_000_000);
                         } else {
-                            return Err(Fail(format!("expected every account to exist in a read txn, got {r:?}")));
+                            return Err(Fail(format!(
+                                "expected every account to exist in a read txn, got {r:?}"
+                            )));
                         }
                     }
-                    ensure!(total == 500, "expected a txn reading all accounts to see a total of 500, saw {total}: {:?}", o.results);
+                    ensure!(
+                        total == 500,
+                        "expected a txn reading all accounts to see a total of 500, saw {total}: {:?}",
+                        o.results
+                    );
                     reads += 1;
                 }
                 Ok(())
             })
         };
         let mut writers = Vec::new();
-        for w in 0..4 {
-            let (h, accounts) = (handles[w].clone(), accounts.clone());
+        for (w, h) in handles.iter().take(4).enumerate() {
+            let (h, accounts) = (h.clone(), accounts.clone());
             writers.push(tokio::spawn(async move {
                 for t in 0..20usize {
                     let (from, to) = ((w + t) % 5, (w + 2 * t + 1) % 5);
-                    if from == to { continue; }
+                    if from == to {
+                        continue;
+                    }
                     loop {
-                        let o = h.txn(TxnRequest::new().then([Op::get(accounts[from].clone()), Op::get(accounts[to].clone())])).await?;
-                        let (OpResult::Get(Some(f)), OpResult::Get(Some(tk))) = (&o.results[0], &o.results[1]) else {
-                            return Err(Error::InvalidArgument(format!("an account vanished: {:?}", o.results)));
+                        let o = h
+                            .txn(TxnRequest::new().then([
+                                Op::get(accounts[from].clone()),
+                                Op::get(accounts[to].clone()),
+                            ]))
+                            .await?;
+                        let (OpResult::Get(Some(f)), OpResult::Get(Some(tk))) =
+                            (&o.results[0], &o.results[1])
+                        else {
+                            return Err(Error::InvalidArgument(format!(
+                                "an account vanished: {:?}",
+                                o.results
+                            )));
                         };
-                        let fv: i64 = std::str::from_utf8(&f.value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-                        let tv: i64 = std::str::from_utf8(&tk.value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-                        let o = h.txn(TxnRequest::new()
-                            .when([Compare::revision(accounts[from].clone(), CmpOp::Equal, f.revision), Compare::revision(accounts[to].clone(), CmpOp::Equal, tk.revision)])
-                            .then([Op::put(accounts[from].clone(), (fv - 7).to_string()), Op::put(accounts[to].clone(), (tv + 7).to_string())])).await?;
-                        if o.succeeded { break; }
+                        let fv: i64 = std::str::from_utf8(&f.value)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        let tv: i64 = std::str::from_utf8(&tk.value)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        let o = h
+                            .txn(
+                                TxnRequest::new()
+                                    .when([
+                                        Compare::revision(
+                                            accounts[from].clone(),
+                                            CmpOp::Equal,
+                                            f.revision,
+                                        ),
+                                        Compare::revision(
+                                            accounts[to].clone(),
+                                            CmpOp::Equal,
+                                            tk.revision,
+                                        ),
+                                    ])
+                                    .then([
+                                        Op::put(accounts[from].clone(), (fv - 7).to_string()),
+                                        Op::put(accounts[to].clone(), (tv + 7).to_string()),
+                                    ]),
+                            )
+                            .await?;
+                        if o.succeeded {
+                            break;
+                        }
                     }
                 }
                 Ok::<_, Error>(())
@@ -291,17 +553,30 @@ cases! {
         }
         let mut result = Ok(());
         for w in writers {
-            if let Err(e) = w.await.map_err(|e| Fail(format!("a writer panicked: {e}"))).and_then(|r| r.ctx("a transfer writer")) {
+            if let Err(e) = w
+                .await
+                .map_err(|e| Fail(format!("a writer panicked: {e}")))
+                .and_then(|r| r.ctx("a transfer writer"))
+            {
                 result = Err(e);
             }
         }
         stop.store(true, Ordering::SeqCst);
-        reader.await.map_err(|e| Fail(format!("the reader panicked: {e}")))??;
+        reader
+            .await
+            .map_err(|e| Fail(format!("the reader panicked: {e}")))??;
         result?;
         let mut total = 0i64;
         for a in &accounts {
-            let kv = handles[0].get(a).await.ctx("get account")?.ok_or_else(|| Fail(format!("expected {a} to exist")))?;
-            total += std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or(-1_000_000);
+            let kv = handles[0]
+                .get(a)
+                .await
+                .ctx("get account")?
+                .ok_or_else(|| Fail(format!("expected {a} to exist")))?;
+            total += std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(-1_000_000);
         }
         ensure_eq!(total, 500, "the total of all accounts after the transfers");
         Ok(())

@@ -125,11 +125,32 @@ cases! {
     async fn in_order(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
         let mut s = w.watch("w/", None).await.ctx("watch w/")?;
-        let r1 = h.put("w/a", b("1"), PutOptions::default()).await.ctx("put")?;
-        let r2 = h.put("w/b", b("2"), PutOptions::default()).await.ctx("put")?;
-        h.delete("w/a", DeleteOptions::default()).await.ctx("delete")?;
-        let r4 = h.put("w/a", b("3"), PutOptions::default()).await.ctx("put")?;
-        expect_events(&cx, &mut s, &[put("w/a", "1", r1), put("w/b", "2", r2), del("w/a"), put("w/a", "3", r4)]).await
+        let r1 = h
+            .put("w/a", b("1"), PutOptions::default())
+            .await
+            .ctx("put")?;
+        let r2 = h
+            .put("w/b", b("2"), PutOptions::default())
+            .await
+            .ctx("put")?;
+        h.delete("w/a", DeleteOptions::default())
+            .await
+            .ctx("delete")?;
+        let r4 = h
+            .put("w/a", b("3"), PutOptions::default())
+            .await
+            .ctx("put")?;
+        expect_events(
+            &cx,
+            &mut s,
+            &[
+                put("w/a", "1", r1),
+                put("w/b", "2", r2),
+                del("w/a"),
+                put("w/a", "3", r4),
+            ],
+        )
+        .await
     }
 
     /// A watch of the (non-`/`-aligned) prefix `app` reports `apple` and
@@ -140,7 +161,10 @@ cases! {
         let mut s = w.watch("app", None).await.ctx("watch app")?;
         let mut expected = Vec::new();
         for k in ["ap", "b", "apple", "aq", "xapp", "app/1"] {
-            let r = h.put(k, b(k), PutOptions::default()).await.ctx(format!("put {k}"))?;
+            let r = h
+                .put(k, b(k), PutOptions::default())
+                .await
+                .ctx(format!("put {k}"))?;
             if k.starts_with("app") {
                 expected.push(put(k, k, r));
             }
@@ -156,7 +180,10 @@ cases! {
         let mut s = w.watch("", None).await.ctx("watch \"\"")?;
         let mut expected = Vec::new();
         for k in ["/lead", "with space", "ünï/✓", "z"] {
-            let r = h.put(k, b("v"), PutOptions::default()).await.ctx(format!("put {k:?}"))?;
+            let r = h
+                .put(k, b("v"), PutOptions::default())
+                .await
+                .ctx(format!("put {k:?}"))?;
             expected.push(put(k, "v", r));
         }
         expect_events(&cx, &mut s, &expected).await
@@ -170,17 +197,32 @@ cases! {
         let (w, h) = (cx.open().await?, cx.open().await?);
         let mut revs = Vec::new();
         for i in 0..5 {
-            revs.push(h.put(&format!("rs/{i}"), b(&i.to_string()), PutOptions::default()).await.ctx("put")?);
+            revs.push(
+                h.put(&format!("rs/{i}"), b(&i.to_string()), PutOptions::default())
+                    .await
+                    .ctx("put")?,
+            );
         }
-        let mut s = w.watch("rs/", Some(revs[2])).await.ctx(format!("watch rs/ from revision {}", revs[2]))?;
-        let r5 = h.put("rs/5", b("5"), PutOptions::default()).await.ctx("put")?;
-        let mut expected: Vec<Expect> = (2..5).map(|i| put(&format!("rs/{i}"), &i.to_string(), revs[i])).collect();
+        let mut s = w
+            .watch("rs/", Some(revs[2]))
+            .await
+            .ctx(format!("watch rs/ from revision {}", revs[2]))?;
+        let r5 = h
+            .put("rs/5", b("5"), PutOptions::default())
+            .await
+            .ctx("put")?;
+        let mut expected: Vec<Expect> = (2..5)
+            .map(|i| put(&format!("rs/{i}"), &i.to_string(), revs[i]))
+            .collect();
         expected.push(put("rs/5", "5", r5));
         // Replay is every revision by definition of resume; compare exactly.
         let mut seen = Vec::new();
         for ex in &expected {
             let ev = next_event(&mut s, &format!("the replayed or live event {ex:?}")).await?;
-            ensure!(matches(&ev, ex), "expected {ex:?}, got {ev:?} (events so far {seen:?})");
+            ensure!(
+                matches(&ev, ex),
+                "expected {ex:?}, got {ev:?} (events so far {seen:?})"
+            );
             seen.push(ev);
         }
         Ok(())
@@ -191,11 +233,23 @@ cases! {
     #[case("watch::resume_from_next_revision_sees_only_new", gate = gates::watch_resume)]
     async fn resume_next(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
-        let r = h.put("rn/old", b("old"), PutOptions::default()).await.ctx("put")?;
-        let mut s = w.watch("rn/", Some(r + 1)).await.ctx("watch from the next revision")?;
-        let r2 = h.put("rn/new", b("new"), PutOptions::default()).await.ctx("put")?;
+        let r = h
+            .put("rn/old", b("old"), PutOptions::default())
+            .await
+            .ctx("put")?;
+        let mut s = w
+            .watch("rn/", Some(r + 1))
+            .await
+            .ctx("watch from the next revision")?;
+        let r2 = h
+            .put("rn/new", b("new"), PutOptions::default())
+            .await
+            .ctx("put")?;
         let ev = next_event(&mut s, "the first event after the resume point").await?;
-        ensure!(matches(&ev, &put("rn/new", "new", r2)), "expected the first event to be the new write (revision {r2}), got {ev:?}");
+        ensure!(
+            matches(&ev, &put("rn/new", "new", r2)),
+            "expected the first event to be the new write (revision {r2}), got {ev:?}"
+        );
         Ok(())
     }
 
@@ -208,7 +262,10 @@ cases! {
         let mut s = w.watch("c", None).await.ctx("watch c")?;
         let mut expected = Vec::new();
         for i in 0..100 {
-            let r = h.put("c", b(&i.to_string()), PutOptions::default()).await.ctx("put")?;
+            let r = h
+                .put("c", b(&i.to_string()), PutOptions::default())
+                .await
+                .ctx("put")?;
             expected.push(put("c", &i.to_string(), r));
         }
         expect_events(&cx, &mut s, &expected).await
@@ -224,7 +281,10 @@ cases! {
         let mut expected = Vec::new();
         for i in 0..10 {
             let k = format!("tw/{}", i % 3);
-            let r = h.put(&k, b(&i.to_string()), PutOptions::default()).await.ctx("put")?;
+            let r = h
+                .put(&k, b(&i.to_string()), PutOptions::default())
+                .await
+                .ctx("put")?;
             expected.push(put(&k, &i.to_string(), r));
         }
         expect_events(&cx, &mut s1, &expected).await?;
@@ -239,10 +299,18 @@ cases! {
         let w = cx.open().await?;
         let o = cx.open_other("other").await?;
         let mut s = w.watch("", None).await.ctx("watch")?;
-        o.put("k", b("other-namespace"), PutOptions::default()).await.ctx("put in other namespace")?;
-        let r = w.put("marker", b("m"), PutOptions::default()).await.ctx("put marker")?;
+        o.put("k", b("other-namespace"), PutOptions::default())
+            .await
+            .ctx("put in other namespace")?;
+        let r = w
+            .put("marker", b("m"), PutOptions::default())
+            .await
+            .ctx("put marker")?;
         let ev = next_event(&mut s, "the marker event").await?;
-        ensure!(matches(&ev, &put("marker", "m", r)), "expected the first event to be this namespace's marker, got {ev:?}");
+        ensure!(
+            matches(&ev, &put("marker", "m", r)),
+            "expected the first event to be this namespace's marker, got {ev:?}"
+        );
         Ok(())
     }
 
@@ -251,25 +319,51 @@ cases! {
     #[case("watch::txn_writes_reported")]
     async fn txn_writes(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
-        h.put("t/c", b("old"), PutOptions::default()).await.ctx("put")?;
+        h.put("t/c", b("old"), PutOptions::default())
+            .await
+            .ctx("put")?;
         let mut s = w.watch("t/", None).await.ctx("watch")?;
-        h.txn(TxnRequest::new().then([Op::put("t/a", "A"), Op::put("t/b", "B"), Op::delete("t/c")])).await.ctx("txn")?;
-        let marker = h.put("t/z", b("marker"), PutOptions::default()).await.ctx("put marker")?;
+        h.txn(TxnRequest::new().then([Op::put("t/a", "A"), Op::put("t/b", "B"), Op::delete("t/c")]))
+            .await
+            .ctx("txn")?;
+        let marker = h
+            .put("t/z", b("marker"), PutOptions::default())
+            .await
+            .ctx("put marker")?;
         let mut seen = Vec::new();
         loop {
             let ev = next_event(&mut s, "events of the txn and the marker").await?;
             let done = matches(&ev, &put("t/z", "marker", marker));
             seen.push(ev);
-            if done || seen.len() > 10 { break; }
-        }
-        let has = |kind: EventKind, key: &str, v: &str| seen.iter().any(|e| e.kind == kind && e.key == key && e.value == b(v));
-        if cx.caps().watch_every_revision {
-            for (k, key, v) in [(EventKind::Put, "t/a", "A"), (EventKind::Put, "t/b", "B"), (EventKind::Delete, "t/c", "")] {
-                ensure!(has(k, key, v), "expected a {k:?} event for {key} from the txn, saw {seen:?}");
+            if done || seen.len() > 10 {
+                break;
             }
-            ensure_eq!(seen.len(), 4, "number of events (3 txn writes + marker): {seen:?}");
+        }
+        let has = |kind: EventKind, key: &str, v: &str| {
+            seen.iter()
+                .any(|e| e.kind == kind && e.key == key && e.value == b(v))
+        };
+        if cx.caps().watch_every_revision {
+            for (k, key, v) in [
+                (EventKind::Put, "t/a", "A"),
+                (EventKind::Put, "t/b", "B"),
+                (EventKind::Delete, "t/c", ""),
+            ] {
+                ensure!(
+                    has(k, key, v),
+                    "expected a {k:?} event for {key} from the txn, saw {seen:?}"
+                );
+            }
+            ensure_eq!(
+                seen.len(),
+                4,
+                "number of events (3 txn writes + marker): {seen:?}"
+            );
         } else {
-            ensure!(seen.len() >= 2, "expected the txn's writes to be reported before the marker, saw only {seen:?}");
+            ensure!(
+                seen.len() >= 2,
+                "expected the txn's writes to be reported before the marker, saw only {seen:?}"
+            );
         }
         Ok(())
     }
@@ -281,16 +375,31 @@ cases! {
         let (w, h) = (cx.open().await?, cx.open().await?);
         let ttl = cx.short_kv_ttl();
         let mut s = w.watch("e/", None).await.ctx("watch")?;
-        let r = h.put("e/k", b("v"), PutOptions::ttl(ttl)).await.ctx("put with TTL")?;
+        let r = h
+            .put("e/k", b("v"), PutOptions::ttl(ttl))
+            .await
+            .ctx("put with TTL")?;
         let ev = next_event(&mut s, "the put event").await?;
-        ensure!(matches(&ev, &put("e/k", "v", r)), "expected the put event, got {ev:?}");
+        ensure!(
+            matches(&ev, &put("e/k", "v", r)),
+            "expected the put event, got {ev:?}"
+        );
         let bound = cx.expiry_bound(ttl);
-        let ev = tokio::time::timeout(bound, s.next()).await
-            .map_err(|_| Fail(format!("expected a delete event for the expired key within {bound:?}")))?;
+        let ev = tokio::time::timeout(bound, s.next()).await.map_err(|_| {
+            Fail(format!(
+                "expected a delete event for the expired key within {bound:?}"
+            ))
+        })?;
         match ev {
-            Some(Ok(ev)) => ensure!(ev.kind == EventKind::Delete && ev.key == "e/k" && ev.revision > r,
-                "expected a delete event for e/k after revision {r}, got {ev:?}"),
-            other => return Err(Fail(format!("expected a delete event for the expired key, got {other:?}"))),
+            Some(Ok(ev)) => ensure!(
+                ev.kind == EventKind::Delete && ev.key == "e/k" && ev.revision > r,
+                "expected a delete event for e/k after revision {r}, got {ev:?}"
+            ),
+            other => {
+                return Err(Fail(format!(
+                    "expected a delete event for the expired key, got {other:?}"
+                )))
+            }
         }
         Ok(())
     }

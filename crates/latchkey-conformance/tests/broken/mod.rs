@@ -36,6 +36,8 @@ pub enum Bug {
     TtlIgnored,
     /// Guards' `lost()` never fires when the lease expires.
     LostNeverFires,
+    /// Reads never answer.
+    Hang,
 }
 
 #[derive(Default)]
@@ -201,6 +203,9 @@ impl GuardOps for WrappedOps {
 #[async_trait]
 impl KvStore for Broken {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        if self.bug == Bug::Hang {
+            futures::future::pending::<()>().await;
+        }
         Ok(self.inner.get(key).await?.map(|kv| self.fix_kv(kv)))
     }
 
