@@ -50,7 +50,9 @@ pub use latchkey_core::{
     PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest, WatchEvent, WatchStream,
 };
 pub use latchkey_mem as mem;
-pub use registry::{connect, connect_requiring, from_env, register, schemes, DEFAULT_URL, URL_ENV};
+pub use registry::{
+    connect, connect_requiring, connect_url, from_env, register, schemes, DEFAULT_URL, URL_ENV,
+};
 
 #[cfg(feature = "consul")]
 pub use latchkey_consul as consul;

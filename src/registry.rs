@@ -97,6 +97,12 @@ pub async fn connect(url: &str) -> Result<Coordinator> {
     Ok(Coordinator::new(reg.connect(url).await?))
 }
 
+/// Like [`connect`], for a URL parsed (and perhaps adjusted) already.
+pub async fn connect_url(url: latchkey_core::BackendUrl) -> Result<Coordinator> {
+    let reg = registry().read().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(Coordinator::new(reg.connect_url(url).await?))
+}
+
 /// Connects to `$LATCHKEY_URL`, or `mem://` when it is unset.
 pub async fn from_env() -> Result<Coordinator> {
     let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_string());

@@ -43,6 +43,9 @@ pub enum Command {
     Kv(KvCommand),
     /// Measure a backend: W1 uncontended, W2 contended counter, W3 handoff.
     Bench(BenchArgs),
+    /// Check that a live deployment behaves as latchkey assumes: runs the
+    /// conformance suite's non-destructive cases in throwaway namespaces.
+    Check,
 }
 
 #[derive(Args, Debug)]

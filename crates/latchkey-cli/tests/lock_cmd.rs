@@ -78,3 +78,21 @@ fn bench_w2_json_line_on_mem() {
     assert_eq!(v["final_count"], 80);
     assert_eq!(v["expected_count"], 80);
 }
+
+#[test]
+fn check_passes_on_mem() {
+    let out = latchkey()
+        .args(["--url", "mem://", "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("mem: ") && stdout.contains(" 0 failed"),
+        "{stdout}"
+    );
+}

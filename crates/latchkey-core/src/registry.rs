@@ -48,7 +48,11 @@ impl Registry {
 
     /// Parses `url` and opens the backend registered for its scheme.
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn Backend>> {
-        let parsed = BackendUrl::parse(url)?;
+        self.connect_url(BackendUrl::parse(url)?).await
+    }
+
+    /// Opens the backend registered for an already parsed URL's scheme.
+    pub async fn connect_url(&self, parsed: BackendUrl) -> Result<Arc<dyn Backend>> {
         let scheme = parsed.scheme().to_string();
         match self.connectors.get(&scheme) {
             Some(c) => c(parsed).await,

@@ -172,6 +172,14 @@ impl BackendUrl {
             }),
         }
     }
+    /// This URL with `namespace` set to `ns` (replacing any earlier one),
+    /// e.g. to give each test or tool run a throwaway namespace.
+    pub fn with_namespace(&self, ns: &str) -> Result<Self> {
+        crate::validate::namespace(ns)?;
+        let mut u = self.clone();
+        u.params.insert("namespace".into(), ns.to_string());
+        Ok(u)
+    }
     /// Fails with [`Error::InvalidUrl`] naming the first parameter not in
     /// `known` (`namespace` is always known).
     pub fn expect_params(&self, known: &[&str]) -> Result<()> {
