@@ -1,0 +1,189 @@
+//! Raw-TCP probes of the servers, so that the testkit needs no client crates.
+//!
+//! Each probe takes a timeout that bounds every connect, read and write: a paused
+//! (SIGSTOPped) server makes them fail with [`std::io::ErrorKind::TimedOut`] or
+//! [`std::io::ErrorKind::WouldBlock`] instead of hanging.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Normalises "read timed out" (Linux reports `WouldBlock` for `SO_RCVTIMEO`).
+fn timeout_kind(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::TimedOut, e)
+    } else {
+        e
+    }
+}
+
+/// Sends one request and reads until the peer closes, `done(bytes)` says the reply is
+/// complete, or the overall deadline passes.
+fn exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    timeout: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut s = connect(addr, timeout)?;
+    s.write_all(request).map_err(timeout_kind)?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "reply timed out"));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if done(&out) {
+                    return Ok(out);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timeout_kind(e)),
+        }
+    }
+}
+
+/// Redis `PING` in RESP; `Ok(())` when the reply is `+PONG`.
+pub fn redis_ping(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let reply = redis_command(addr, &["PING"], timeout)?;
+    if reply.starts_with("+PONG") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("unexpected PING reply {reply:?}")))
+    }
+}
+
+/// Sends one Redis command (RESP array of bulk strings) and returns the first reply
+/// line (e.g. `+OK`, `$5`, `-ERR ...`) followed by whatever else arrived.
+pub fn redis_command(addr: SocketAddr, args: &[&str], timeout: Duration) -> io::Result<String> {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    let reply = exchange(addr, req.as_bytes(), timeout, |b| {
+        // Simple replies end with the first CRLF; a bulk reply `$n` needs its payload.
+        let s = String::from_utf8_lossy(b);
+        match s.find("\r\n") {
+            None => false,
+            Some(i) if s.starts_with('$') => match s[1..i].parse::<i64>() {
+                Ok(n) if n >= 0 => s.len() >= i + 2 + n as usize + 2,
+                _ => true,
+            },
+            Some(_) => true,
+        }
+    })?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A minimal HTTP/1.1 exchange (`Connection: close`); returns the status code and body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let raw = exchange(addr, req.as_bytes(), timeout, |_| false)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("malformed HTTP reply {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| io::Error::other(format!("malformed HTTP status line in {head:?}")))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// etcd `GET /health`; `Ok(())` when it reports `"health":"true"`.
+pub fn etcd_health(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let (status, body) = http(addr, "GET", "/health", None, timeout)?;
+    if status == 200 && body.contains("\"health\":\"true\"") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("etcd /health: {status} {body}")))
+    }
+}
+
+/// A ZooKeeper four-letter word (`srvr`, `mntr`, ...); returns the whole reply.
+pub fn zk_four_letter(addr: SocketAddr, word: &str, timeout: Duration) -> io::Result<String> {
+    let raw = exchange(addr, word.as_bytes(), timeout, |_| false)?;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// The `Mode:` of a ZooKeeper server (`standalone`, `leader`, `follower`), from `srvr`.
+/// Fails while the server is not serving (e.g. an ensemble member without quorum).
+pub fn zk_mode(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    let reply = zk_four_letter(addr, "srvr", timeout)?;
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("Mode:"))
+        .map(|m| m.trim().to_string())
+        .ok_or_else(|| io::Error::other(format!("srvr reply has no Mode: {reply:?}")))
+}
+
+/// Value of the first `"field":"value"` string in a JSON text (the etcd JSON gateway
+/// encodes 64-bit integers as strings). Enough for the gateway's flat replies.
+pub fn json_string_field(json: &str, field: &str) -> Option<String> {
+    let pat = format!("\"{field}\":\"");
+    let start = json.find(&pat)? + pat.len();
+    let end = json[start..].find('"')?;
+    Some(json[start..start + end].to_string())
+}
+
+/// Standard base64 (with padding), as the etcd JSON gateway wants for keys and values.
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
