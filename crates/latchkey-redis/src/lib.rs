@@ -1,1 +1,139 @@
-//! latchkey-redis (to be built)
+//! # latchkey-redis
+//!
+//! latchkey on one Redis primary (5.0+; tested with 7.0): the KV store
+//! with revisions, prefix lists, watches and transactions, and locks with
+//! fencing tokens. **Redis is the fast, simple choice, not the safest**:
+//! see [What Redis cannot promise](#what-redis-cannot-promise).
+//!
+//! ```no_run
+//! # async fn demo() -> latchkey_core::Result<()> {
+//! let url = latchkey_core::BackendUrl::parse("redis://127.0.0.1:6379/0?namespace=app")?;
+//! let backend = latchkey_redis::connect(url).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## URLs
+//!
+//! `redis://[user[:password]@]host[:port][/db]` and `rediss://…` (TLS with
+//! rustls; the server certificate is checked against the system's roots,
+//! or against the CA certificates of `?ca=`). Parameters:
+//!
+//! | parameter | meaning | default |
+//! |---|---|---|
+//! | `namespace` | prefix of every key and lock (see below) | `""` |
+//! | `timeout` | connecting, and waiting for each reply (`500ms`, `2s`); a dead server gives `Unavailable` within it | `2s` |
+//! | `history` | change events the stream keeps for watches that resume (approximate: `XADD MAXLEN ~`) | `10000` |
+//! | `ca` | path of a PEM file of CA certificates to trust (`rediss://` only) | system roots |
+//!
+//! ACL users work with `user:password@`; a password alone authenticates
+//! as `default`. Wrong credentials are [`Error::Auth`](latchkey_core::Error::Auth).
+//!
+//! ## Connections
+//!
+//! A handle uses one multiplexed connection for every command, whatever the
+//! number of locks it holds or waits for; one pub/sub connection, opened when
+//! a lock waiter first has to wait; and one connection per open watch
+//! (blocking `XREAD`). After a connection fails (a server restart), the next
+//! call connects again: the caller does nothing. A read, or an idempotent
+//! lock operation, is retried once on the new connection; a write whose
+//! reply was lost is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate).
+//!
+//! ## Key layout
+//!
+//! All keys of namespace `ns` share the hash tag `{ns}` (with `%`, `{`, `}`
+//! escaped as `%25`, `%7B`, `%7D`), so each script touches one hash slot
+//! and a Redis Cluster port needs no new layout (the empty namespace's tag
+//! `{}` is not a hash tag to Cluster; give a namespace there).
+//!
+//! | Redis key | type | holds |
+//! |---|---|---|
+//! | `latchkey:{ns}:rev` | string | the namespace's revision counter (`INCR` per write) |
+//! | `latchkey:{ns}:kv:<key>` | hash | `v` value, `r` revision, `t` TTL in ms (with `PEXPIRE`) |
+//! | `latchkey:{ns}:idx` | sorted set | every key of the namespace, score 0, so `list(prefix)` is one `ZRANGEBYLEX` (never `SCAN`) |
+//! | `latchkey:{ns}:log` | stream | one entry per change, id `<revision>-<n>`, fields `k`, `e` (`p`/`d`), `v` |
+//! | `latchkey:{ns}:lock:<name>` | string | the holder's owner id, with a PX expiry |
+//! | `latchkey:{ns}:fence:<name>` | string | the lock's fencing counter (kept forever) |
+//! | channel `latchkey:{ns}:released:<name>` | pub/sub | a message at every release |
+//!
+//! So a lock named `x` in namespace `ns` occupies **`latchkey:{ns}:lock:x`**
+//! exactly as `SET latchkey:{ns}:lock:x <token> NX PX <ttl>` would: a
+//! redsync or redis-py `Lock` on that key excludes ours and ours excludes it.
+//! A foreign release publishes nothing, so our waiters notice it when the
+//! foreign key's PTTL runs out (or within a second if it has no expiry).
+//!
+//! ## How it works
+//!
+//! - **Revisions**: every write is one Lua script (`EVALSHA`, reloaded
+//!   after `NOSCRIPT`) that bumps the namespace counter, stores the value
+//!   with its revision, updates the index and appends to the stream. CAS,
+//!   `if_absent`, conditional deletes and transactions are single scripts.
+//!   Revisions come from one counter per namespace: comparable across keys
+//!   of one namespace (`global_revision`), never across namespaces.
+//! - **TTL keys** expire natively (`PEXPIRE`, millisecond precision, the
+//!   server's clock). `get` and `list` never show an expired key; `list`
+//!   drops stale index entries as it meets them. **A watch sees no event for
+//!   an expiry** (`watch_reports_expiry = false`): nothing runs at that moment.
+//! - **Watches** read the stream from any revision still in it; older is
+//!   `Compacted`. A watch whose history the server lost (restart without
+//!   persistence) ends with `Compacted` too.
+//! - **Transactions**: one script evaluates every compare (including
+//!   `Compare::Held`: owner id and fencing token), then runs one branch; all
+//!   writes of a transaction share one revision. At most 1024 ops per branch.
+//! - **Locks**: acquire = one script (`SET NX PX` with a random owner id,
+//!   then `INCR` of the lock's fencing counter); release = one
+//!   compare-and-delete script that publishes on the lock's channel. An
+//!   uncontended lock + release costs two round trips. A waiter subscribes
+//!   to the channel before retrying and bounds each wait by the holder's
+//!   PTTL (expiry publishes nothing), so a lost message delays it by at most
+//!   the TTL; it never polls at a fixed interval. Locks are not FIFO: a
+//!   release wakes every handle waiting for the name and the first to ask
+//!   wins (inside one handle, tasks queue FIFO locally). Renewal: one script
+//!   call per tick renews every lock of the handle with the same TTL; locks
+//!   it finds gone fire `lost()`.
+//!
+//! ## What Redis cannot promise
+//!
+//! - **No durability assumed** (`durable_writes = false`,
+//!   `durable_fencing = false`): without `appendonly yes` + `appendfsync
+//!   always`, a restart loses acknowledged writes, held locks and the
+//!   counters — revisions and fencing tokens then start again from 1 and
+//!   **repeat**. Locks whose key vanished fire `lost()` at the next renewal.
+//! - **No consensus**: replication is asynchronous; a failover (Sentinel,
+//!   Cluster) can lose acknowledged writes and hand a held lock to a second
+//!   holder. Reads are linearizable only because every command goes to the
+//!   one primary this handle talks to.
+//! - **Expiry runs on the server's wall clock**: a clock step on the server
+//!   shortens or lengthens every TTL and lock lease.
+//! - A script blocks the server while it runs: a 1024-op transaction, a
+//!   `list` of a huge prefix or a renewal of 10,000 locks is one long command.
+//! - Fencing tokens protect writes made through [`Compare::held`](latchkey_core::Compare::held)
+//!   transactions in the same Redis, and resources that check them; they are
+//!   only as durable as the server's data.
+//!
+//! Use etcd or ZooKeeper where a lock must survive a crash of the server.
+
+#![deny(missing_docs)]
+
+mod backend;
+mod conn;
+mod layout;
+mod lock;
+mod notify;
+mod scripts;
+mod watch;
+
+pub use backend::{RedisBackend, MAX_TXN_OPS, MIN_TTL, TTL_GRANULARITY};
+pub use conn::{DEFAULT_HISTORY, DEFAULT_TIMEOUT};
+
+use latchkey_core::{Backend, BackendUrl, Result};
+use std::sync::Arc;
+
+/// The URL schemes of this backend.
+pub const SCHEMES: &[&str] = &["redis", "rediss"];
+
+/// Opens a handle for a `redis://` or `rediss://` URL. Connects before it
+/// returns: an unreachable server is `Unavailable`, refused credentials
+/// `Auth`, a bad URL `InvalidUrl`.
+pub async fn connect(url: BackendUrl) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(RedisBackend::connect(&url).await?))
+}

@@ -1,0 +1,91 @@
+//! Where everything of one namespace lives in Redis (see the crate docs for
+//! the table). All keys of a namespace share the hash tag `{<namespace>}`,
+//! so every script touches one hash slot and a later Redis Cluster port needs
+//! no change of layout.
+
+/// Key names of one namespace.
+#[derive(Clone, Debug)]
+pub(crate) struct Layout {
+    /// `latchkey:{<ns>}:`
+    prefix: String,
+}
+
+/// Escapes the characters that would end (or start) a hash tag early, and
+/// the escape character itself, so that two namespaces never produce the
+/// same prefix and the tag always covers the whole namespace.
+fn escape_tag(ns: &str) -> String {
+    let mut out = String::with_capacity(ns.len());
+    for c in ns.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Layout {
+    pub(crate) fn new(namespace: &str) -> Self {
+        Layout {
+            prefix: format!("latchkey:{{{}}}:", escape_tag(namespace)),
+        }
+    }
+
+    /// The namespace's revision counter (a string key bumped by `INCR`).
+    pub(crate) fn rev(&self) -> String {
+        format!("{}rev", self.prefix)
+    }
+
+    /// The sorted set of the namespace's keys (score 0, ordered by bytes).
+    pub(crate) fn index(&self) -> String {
+        format!("{}idx", self.prefix)
+    }
+
+    /// The change stream watches read (entry id `<revision>-<n>`).
+    pub(crate) fn log(&self) -> String {
+        format!("{}log", self.prefix)
+    }
+
+    /// Prefix of the hashes holding the user keys.
+    pub(crate) fn kv_prefix(&self) -> String {
+        format!("{}kv:", self.prefix)
+    }
+
+    /// The hash `{v, r, t}` of one user key.
+    pub(crate) fn kv(&self, key: &str) -> String {
+        format!("{}kv:{key}", self.prefix)
+    }
+
+    /// The lock key: holds the owner id, as `SET key <owner> NX PX ttl` would.
+    pub(crate) fn lock(&self, name: &str) -> String {
+        format!("{}lock:{name}", self.prefix)
+    }
+
+    /// The lock's fencing counter (`INCR` at every acquisition).
+    pub(crate) fn fence(&self, name: &str) -> String {
+        format!("{}fence:{name}", self.prefix)
+    }
+
+    /// The pub/sub channel a release of the lock is announced on.
+    pub(crate) fn released(&self, name: &str) -> String {
+        format!("{}released:{name}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_never_share_a_prefix() {
+        assert_eq!(Layout::new("ns").lock("x"), "latchkey:{ns}:lock:x");
+        assert_eq!(Layout::new("").lock("x"), "latchkey:{}:lock:x");
+        // Without escaping, namespace "a}:kv:b" would collide with "a".
+        let a = Layout::new("a").kv("b}:kv:c");
+        let b = Layout::new("a}:kv:b").kv("c");
+        assert_ne!(a, b);
+        assert_eq!(Layout::new("a{b}%").rev(), "latchkey:{a%7Bb%7D%25}:rev");
+    }
+}

@@ -1,0 +1,260 @@
+//! The Lua scripts. Every write goes through one of them so that the
+//! revision bump, the value, the key index and the change stream change
+//! together, atomically. Loaded once per server and called by SHA
+//! (`EVALSHA`); `redis::Script` reloads a script the server forgot
+//! (`NOSCRIPT` after a restart or `SCRIPT FLUSH`).
+//!
+//! Numbers: Lua numbers are doubles, and Redis turns a Lua number into a
+//! string with `%.14g`. Revisions are therefore formatted with
+//! `string.format('%d', ...)` before they are stored, and compared as
+//! numbers only below 2^53.
+
+use redis::Script;
+use std::sync::OnceLock;
+
+/// Helpers shared by the write scripts. `KEYS[1]` is the revision counter,
+/// `KEYS[2]` the key index and `KEYS[3]` the change stream.
+const PRELUDE: &str = r#"
+local function cur_rev(k)
+  local r = redis.call('HGET', k, 'r')
+  if r then return tonumber(r) end
+  return 0
+end
+local function kv_put(k, ukey, val, ttl, rev, seq, maxlen)
+  local rs = string.format('%d', rev)
+  redis.call('DEL', k)
+  if ttl > 0 then
+    redis.call('HSET', k, 'v', val, 'r', rs, 't', string.format('%d', ttl))
+    redis.call('PEXPIRE', k, string.format('%d', ttl))
+  else
+    redis.call('HSET', k, 'v', val, 'r', rs)
+  end
+  redis.call('ZADD', KEYS[2], 0, ukey)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen,
+    string.format('%d-%d', rev, seq), 'k', ukey, 'e', 'p', 'v', val)
+end
+local function kv_del(k, ukey, rev, seq, maxlen)
+  redis.call('DEL', k)
+  redis.call('ZREM', KEYS[2], ukey)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen,
+    string.format('%d-%d', rev, seq), 'k', ukey, 'e', 'd')
+end
+"#;
+
+/// put: KEYS rev idx log kv; ARGV ukey value ttl_ms if_absent(0/1)
+/// if_revision('' = none) maxlen. Returns {1, rev} or {0, current}.
+const PUT: &str = r#"
+local cur = cur_rev(KEYS[4])
+if ARGV[4] == '1' and cur ~= 0 then return {0, cur} end
+if ARGV[5] ~= '' and cur ~= tonumber(ARGV[5]) then return {0, cur} end
+local rev = redis.call('INCR', KEYS[1])
+kv_put(KEYS[4], ARGV[1], ARGV[2], tonumber(ARGV[3]), rev, 0, ARGV[6])
+return {1, rev}
+"#;
+
+/// delete: KEYS rev idx log kv; ARGV ukey if_revision('' = none) maxlen.
+/// Returns {1, deleted(0/1)} or {0, current}.
+const DELETE: &str = r#"
+local cur = cur_rev(KEYS[4])
+if ARGV[2] ~= '' and cur ~= tonumber(ARGV[2]) then return {0, cur} end
+if cur == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {1, 0}
+end
+local rev = redis.call('INCR', KEYS[1])
+kv_del(KEYS[4], ARGV[1], rev, 0, ARGV[3])
+return {1, 1}
+"#;
+
+/// txn: KEYS rev idx log, then every key the txn names (hashes, lock keys,
+/// fencing counters). ARGV: [1] maxlen, [2] length of the kv prefix,
+/// [3] number of compares, [4] first ARGV of the `then` ops, [5] their
+/// count, [6] first ARGV of the `otherwise` ops, [7] their count, then the
+/// compares from [8] on (a tag and its operands each), then the two
+/// branches (a tag, a KEYS index and operands per op).
+/// Every compare is evaluated before anything is written: Redis has no
+/// rollback, so a script must decide first and write after.
+/// Returns {succeeded, revision after, {result per op}}.
+const TXN: &str = r#"
+local maxlen = ARGV[1]
+local plen = tonumber(ARGV[2])
+local i = 8
+local function nxt() local v = ARGV[i]; i = i + 1; return v end
+local ok = true
+for _ = 1, tonumber(ARGV[3]) do
+  local tag = nxt()
+  if tag == 'r' then
+    local k = KEYS[tonumber(nxt())]
+    local op = nxt()
+    local want = tonumber(nxt())
+    local cur = cur_rev(k)
+    local holds
+    if op == '=' then holds = cur == want
+    elseif op == '!' then holds = cur ~= want
+    elseif op == '<' then holds = cur < want
+    else holds = cur > want end
+    ok = ok and holds
+  elseif tag == 'v' then
+    local k = KEYS[tonumber(nxt())]
+    local want = nxt()
+    local v = redis.call('HGET', k, 'v')
+    ok = ok and v ~= false and v == want
+  elseif tag == 'e' then
+    ok = ok and redis.call('EXISTS', KEYS[tonumber(nxt())]) == 1
+  elseif tag == 'a' then
+    ok = ok and redis.call('EXISTS', KEYS[tonumber(nxt())]) == 0
+  elseif tag == 'h' then
+    local lk = KEYS[tonumber(nxt())]
+    local fk = KEYS[tonumber(nxt())]
+    local owner = nxt()
+    local token = nxt()
+    ok = ok and redis.call('GET', lk) == owner and redis.call('GET', fk) == token
+  else
+    return redis.error_reply('latchkey: unknown compare tag')
+  end
+end
+local nops
+if ok then i = tonumber(ARGV[4]); nops = tonumber(ARGV[5])
+else i = tonumber(ARGV[6]); nops = tonumber(ARGV[7]) end
+local rev = nil
+local seq = 0
+local results = {}
+for n = 1, nops do
+  local tag = nxt()
+  local k = KEYS[tonumber(nxt())]
+  local ukey = string.sub(k, plen + 1)
+  if tag == 'p' then
+    local val = nxt()
+    local ttl = tonumber(nxt())
+    if rev == nil then rev = redis.call('INCR', KEYS[1]) end
+    kv_put(k, ukey, val, ttl, rev, seq, maxlen)
+    seq = seq + 1
+    results[n] = rev
+  elseif tag == 'd' then
+    if redis.call('EXISTS', k) == 1 then
+      if rev == nil then rev = redis.call('INCR', KEYS[1]) end
+      kv_del(k, ukey, rev, seq, maxlen)
+      seq = seq + 1
+      results[n] = 1
+    else
+      redis.call('ZREM', KEYS[2], ukey)
+      results[n] = 0
+    end
+  else
+    local h = redis.call('HMGET', k, 'v', 'r', 't')
+    if h[2] then results[n] = {h[1], h[2], h[3] or '0'} else results[n] = {} end
+  end
+end
+return {ok and 1 or 0, redis.call('GET', KEYS[1]) or '0', results}
+"#;
+
+/// list: KEYS idx; ARGV kv prefix, min, max (ZRANGEBYLEX bounds), limit
+/// (0 = none), keys_only (0/1). Drops index entries whose key expired.
+/// Returns {{key, value, revision, ttl_ms}, ...} in key order.
+const LIST: &str = r#"
+local out = {}
+local lim = tonumber(ARGV[4])
+local min = ARGV[2]
+local batch = 512
+while true do
+  local ms = redis.call('ZRANGEBYLEX', KEYS[1], min, ARGV[3], 'LIMIT', 0, batch)
+  for _, m in ipairs(ms) do
+    local h = redis.call('HMGET', ARGV[1] .. m, 'v', 'r', 't')
+    if h[2] then
+      local v = h[1]
+      if ARGV[5] == '1' then v = '' end
+      out[#out + 1] = {m, v, h[2], h[3] or '0'}
+      if lim > 0 and #out >= lim then return out end
+    else
+      -- the key expired: forget it so it never shows again
+      redis.call('ZREM', KEYS[1], m)
+    end
+  end
+  if #ms < batch then break end
+  min = '(' .. ms[#ms]
+end
+return out
+"#;
+
+/// watch start: KEYS rev log. Returns {current revision, highest revision
+/// trimmed from the stream (0: none)}.
+const WATCH_START: &str = r#"
+local cur = redis.call('GET', KEYS[1]) or '0'
+local trimmed = '0'
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for n = 1, #info, 2 do
+    if info[n] == 'max-deleted-entry-id' then
+      trimmed = string.match(info[n + 1], '^(%d+)') or '0'
+    end
+  end
+end
+return {cur, trimmed}
+"#;
+
+/// acquire: KEYS lock fence; ARGV owner ttl_ms. `SET NX PX` plus a fencing
+/// token from the lock's counter. Idempotent for the same owner (a retry
+/// after a lost reply finds its own holding and its token).
+/// Returns {1, token} or {0, pttl of the holder}.
+const ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('INCR', KEYS[2])}
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('GET', KEYS[2]))}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// release: KEYS lock; ARGV owner channel. Compare-and-delete, then wake
+/// the waiters. Returns 1 if it was ours.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'released')
+  return 1
+end
+return 0
+"#;
+
+/// renew: KEYS every lock key of one TTL; ARGV ttl_ms, then the owners in
+/// the same order. Extends the ones still ours; returns the 1-based
+/// positions of those that are gone.
+const RENEW: &str = r#"
+local gone = {}
+for n = 1, #KEYS do
+  if redis.call('GET', KEYS[n]) == ARGV[n + 1] then
+    redis.call('PEXPIRE', KEYS[n], ARGV[1])
+  else
+    gone[#gone + 1] = n
+  end
+end
+return gone
+"#;
+
+/// All scripts, compiled (hashed) once per process.
+pub(crate) struct Scripts {
+    pub put: Script,
+    pub delete: Script,
+    pub txn: Script,
+    pub list: Script,
+    pub watch_start: Script,
+    pub acquire: Script,
+    pub release: Script,
+    pub renew: Script,
+}
+
+pub(crate) fn scripts() -> &'static Scripts {
+    static S: OnceLock<Scripts> = OnceLock::new();
+    S.get_or_init(|| Scripts {
+        put: Script::new(&format!("{PRELUDE}{PUT}")),
+        delete: Script::new(&format!("{PRELUDE}{DELETE}")),
+        txn: Script::new(&format!("{PRELUDE}{TXN}")),
+        list: Script::new(LIST),
+        watch_start: Script::new(WATCH_START),
+        acquire: Script::new(ACQUIRE),
+        release: Script::new(RELEASE),
+        renew: Script::new(RENEW),
+    })
+}

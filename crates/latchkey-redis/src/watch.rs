@@ -1,0 +1,263 @@
+//! Watches: every write script appends its change to the namespace's
+//! stream (entry id `<revision>-<n>`); a watch reads it with `XREAD BLOCK`
+//! on a connection of its own (a blocking read would stall the shared
+//! command connection), filters by prefix, and resumes where it stopped
+//! after a reconnect.
+//!
+//! Revisions in the stream are contiguous (each write script takes the next
+//! revision and appends at least one entry for it), so a watch notices
+//! history that was trimmed under it: a revision it expected is missing.
+
+use crate::backend::Shared;
+use crate::conn::{is_connection_failure, map_err, NAME};
+use crate::scripts::scripts;
+use bytes::Bytes;
+use futures::StreamExt;
+use latchkey_core::{Error, EventKind, Result, Revision, WatchEvent, WatchStream};
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+use redis::{AsyncConnectionConfig, Client, Value};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How long one `XREAD` blocks; after an empty one the watch checks that
+/// the server still has its history (a restart without persistence resets
+/// the revision counter).
+const BLOCK: Duration = Duration::from_secs(2);
+const BATCH: usize = 512;
+
+struct State {
+    client: Client,
+    timeout: Duration,
+    con: Option<MultiplexedConnection>,
+    rev_key: String,
+    log_key: String,
+    prefix: String,
+    /// Id after which to read.
+    last_id: String,
+    /// Highest revision known to exist (read, or current at the start).
+    seen: Revision,
+    /// The next revision the stream must deliver; anything higher first
+    /// means entries were trimmed.
+    next: Revision,
+    buf: VecDeque<WatchEvent>,
+    done: bool,
+}
+
+async fn blocking_connection(client: &Client, timeout: Duration) -> Result<MultiplexedConnection> {
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(None);
+    match tokio::time::timeout(
+        timeout,
+        client.get_multiplexed_async_connection_with_config(&cfg),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(map_err(&e)),
+        Err(_) => Err(Error::unavailable(
+            NAME,
+            format!("no connection for a watch within {timeout:?}"),
+        )),
+    }
+}
+
+/// `{current revision, highest trimmed revision}`.
+async fn start_point(
+    con: &mut MultiplexedConnection,
+    rev_key: &str,
+    log_key: &str,
+    timeout: Duration,
+) -> Result<(Revision, Revision)> {
+    let mut inv = scripts().watch_start.prepare_invoke();
+    inv.key(rev_key).key(log_key);
+    match tokio::time::timeout(timeout, inv.invoke_async::<(u64, u64)>(con)).await {
+        Ok(r) => r.map_err(|e| map_err(&e)),
+        Err(_) => Err(Error::unavailable(NAME, "watch start timed out")),
+    }
+}
+
+pub(crate) async fn open(
+    shared: &Shared,
+    prefix: &str,
+    from: Option<Revision>,
+) -> Result<WatchStream> {
+    let client = shared.conn.client().clone();
+    let timeout = shared.conn.timeout();
+    let mut con = blocking_connection(&client, timeout).await?;
+    let (rev_key, log_key) = (shared.layout.rev(), shared.layout.log());
+    let (current, trimmed) = start_point(&mut con, &rev_key, &log_key, timeout).await?;
+    let start = match from {
+        None => current + 1,
+        Some(r) => {
+            let r = r.max(1);
+            if r <= trimmed {
+                return Err(Error::Compacted {
+                    oldest: trimmed + 1,
+                });
+            }
+            r
+        }
+    };
+    let last_id = if start <= 1 {
+        "0-0".to_string()
+    } else {
+        format!("{}-{}", start - 1, u64::MAX)
+    };
+    let state = State {
+        client,
+        timeout,
+        con: Some(con),
+        rev_key,
+        log_key,
+        prefix: prefix.to_string(),
+        last_id,
+        seen: current,
+        next: start,
+        buf: VecDeque::new(),
+        done: false,
+    };
+    Ok(futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.buf.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            if let Err(e) = st.fill().await {
+                st.done = true;
+                return Some((Err(e), st));
+            }
+        }
+    })
+    .boxed())
+}
+
+fn field<'a>(map: &'a std::collections::HashMap<String, Value>, f: &str) -> Option<&'a Value> {
+    map.get(f)
+}
+
+fn text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+impl State {
+    /// Reads the next batch into `buf` (possibly nothing).
+    async fn fill(&mut self) -> Result<()> {
+        if self.con.is_none() {
+            self.reconnect().await?;
+        }
+        let con = self.con.as_mut().expect("connected above");
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.log_key)
+            .arg(&self.last_id);
+        let read = cmd.query_async::<Option<StreamReadReply>>(con);
+        let reply = match tokio::time::timeout(BLOCK + self.timeout, read).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if is_connection_failure(&e) => {
+                self.con = None;
+                return Ok(());
+            }
+            Ok(Err(e)) => return Err(map_err(&e)),
+            Err(_) => {
+                // The server did not answer a blocking read in time: it is
+                // frozen or gone; try a fresh connection.
+                self.con = None;
+                return Ok(());
+            }
+        };
+        let Some(reply) = reply else {
+            return self.check_history().await;
+        };
+        for sk in reply.keys {
+            for entry in sk.ids {
+                let rev: Revision = entry
+                    .id
+                    .split('-')
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .ok_or_else(|| {
+                        Error::backend(NAME, format!("unexpected stream id {:?}", entry.id))
+                    })?;
+                if rev > self.next {
+                    return Err(Error::Compacted { oldest: rev });
+                }
+                self.next = self.next.max(rev + 1);
+                self.seen = self.seen.max(rev);
+                self.last_id = entry.id.clone();
+                let Some(key) = text(field(&entry.map, "k")) else {
+                    continue;
+                };
+                if !key.starts_with(&self.prefix) {
+                    continue;
+                }
+                let kind = match text(field(&entry.map, "e")).as_deref() {
+                    Some("d") => EventKind::Delete,
+                    _ => EventKind::Put,
+                };
+                let value = match (kind, field(&entry.map, "v")) {
+                    (EventKind::Put, Some(Value::BulkString(b))) => Bytes::copy_from_slice(b),
+                    _ => Bytes::new(),
+                };
+                self.buf.push_back(WatchEvent {
+                    kind,
+                    key,
+                    value,
+                    revision: rev,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        let mut con = blocking_connection(&self.client, self.timeout).await?;
+        self.con = None;
+        let (current, trimmed) =
+            start_point(&mut con, &self.rev_key, &self.log_key, self.timeout).await?;
+        self.con = Some(con);
+        self.verify(current, trimmed)
+    }
+
+    async fn check_history(&mut self) -> Result<()> {
+        let Some(con) = self.con.as_mut() else {
+            return Ok(());
+        };
+        match start_point(con, &self.rev_key, &self.log_key, self.timeout).await {
+            Ok((current, trimmed)) => self.verify(current, trimmed),
+            Err(_) => {
+                self.con = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Fails if the server no longer has the history this watch stands on.
+    fn verify(&self, current: Revision, trimmed: Revision) -> Result<()> {
+        if current < self.seen {
+            // The revision counter went back: the server lost its data
+            // (restart without persistence, failover). Nothing after our
+            // position can be trusted to come.
+            return Err(Error::Compacted {
+                oldest: trimmed + 1,
+            });
+        }
+        if trimmed >= self.next {
+            return Err(Error::Compacted {
+                oldest: trimmed + 1,
+            });
+        }
+        Ok(())
+    }
+}
