@@ -62,7 +62,7 @@
 //!
 //! [`run_cases`] runs a selection of cases on the caller's runtime and
 //! returns one [`CaseReport`] per case; the CLI's `latchkey check` runs the
-//! non-[`destructive`](Case::destructive) ones against a live deployment.
+//! cases that are not `destructive` (see [`Case`]) against a live deployment.
 //!
 //! ## Rules the cases follow
 //!
