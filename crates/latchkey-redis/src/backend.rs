@@ -121,7 +121,13 @@ impl RedisBackend {
     pub async fn connect(url: &latchkey_core::BackendUrl) -> Result<RedisBackend> {
         let cfg = Config::from_url(url)?;
         let conn = Conn::new(cfg.client.clone(), cfg.timeout);
-        conn.get().await?;
+        // A server that wants credentials accepts the connection and
+        // refuses the first command (NOAUTH): find out now, not later.
+        let _: String = conn
+            .run(Retry::Safe, "ping", |mut c| async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
+            .await?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
                 notifier: Notifier::new(cfg.client.clone(), cfg.timeout),

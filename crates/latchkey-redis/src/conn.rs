@@ -68,6 +68,11 @@ impl Config {
                 .ok_or_else(|| url.invalid("history must be a positive number of events"))?,
         };
         let port = host.port.unwrap_or(6379);
+        if tls {
+            // rustls needs one process-wide crypto provider; if the
+            // application installed one already, that one is used.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let addr = if tls {
             ConnectionAddr::TcpTls {
                 host: host.host.clone(),

@@ -1,0 +1,634 @@
+//! Redis-specific behaviour against real `redis-server` processes: server
+//! restarts, credentials, unreachable and frozen servers, script cache
+//! flushes, TLS, interop with plain `SET NX PX` locks, the round-trip cost
+//! of a lock, and many locks over few connections.
+//!
+//! Tests that change a server (restart, `SCRIPT FLUSH`, counting commands)
+//! spawn their own with `latchkey_testkit::spawn_redis`; the others share
+//! the testkit's server (or `LATCHKEY_TEST_REDIS_URL`).
+
+use bytes::Bytes;
+use latchkey_core::{
+    BackendUrl, Compare, DistributedLock, Error, KvStore, LockOptions, Op, PutOptions, Txn,
+    TxnRequest,
+};
+use latchkey_redis::RedisBackend;
+use latchkey_testkit::{spawn_redis, unique_namespace, RedisOptions, TlsFiles};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+fn url(base: &str, params: &str) -> BackendUrl {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    BackendUrl::parse(&format!("{base}{sep}{params}")).expect("test URL")
+}
+
+async fn open(base: &str, ns: &str) -> RedisBackend {
+    RedisBackend::connect(&url(base, &format!("namespace={ns}")))
+        .await
+        .expect("connect")
+}
+
+async fn raw(base: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(base)
+        .expect("raw client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+fn shared_url() -> String {
+    latchkey_testkit::redis().url().to_string()
+}
+
+/// Polls `f` until it returns `Some`, failing after `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_recovers_and_fires_lost_for_vanished_locks() {
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = open(server.url(), "restart").await;
+    h.put("k", Bytes::from("before"), PutOptions::default())
+        .await
+        .unwrap();
+    let guard = h
+        .lock("job", LockOptions::ttl(Duration::from_millis(900)))
+        .await
+        .unwrap();
+    let lost = guard.lost();
+
+    // No persistence: the restart wipes the lock key (and everything else).
+    server.restart().expect("restart");
+
+    // lost() fires when the next renewal finds the key gone (renewal runs
+    // every TTL/3; the deadline is one TTL after the last success).
+    tokio::time::timeout(Duration::from_secs(3), lost)
+        .await
+        .expect("lost() fires after the lock key vanished");
+
+    // Another handle finds the lock free at once (its key is gone).
+    let other = open(server.url(), "restart").await;
+    let g2 = other
+        .try_lock("job", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("the vanished lock is free");
+    g2.release().await.unwrap();
+
+    // The handle reconnects by itself: a write may fail once (its
+    // connection died under it), then works.
+    let rev = eventually(
+        Duration::from_secs(5),
+        "a put after the restart",
+        || async {
+            h.put("k", Bytes::from("after"), PutOptions::default())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert!(rev >= 1);
+    let kv = h
+        .get("k")
+        .await
+        .unwrap()
+        .expect("key written after restart");
+    assert_eq!(kv.value, Bytes::from("after"));
+    // Releasing the lost guard is Ok and frees the handle's local queue:
+    // the handle can take the lock again.
+    guard.release().await.unwrap();
+    let g3 = h
+        .try_lock("job", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("free after the lost guard was released");
+    g3.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_password_is_auth() {
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    // Credentials are set after start-up, so the testkit's readiness PING
+    // needs none.
+    let mut con = raw(server.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "alice", "on", ">alicepw", "~*", "&*", "+@all"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "s3cret"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let base = server.url().trim_start_matches("redis://").to_string();
+    for bad in [
+        format!("redis://:wrong@{base}"),
+        format!("redis://alice:wrong@{base}"),
+        format!("redis://nobody:s3cret@{base}"),
+    ] {
+        let err = RedisBackend::connect(&BackendUrl::parse(&bad).unwrap())
+            .await
+            .expect_err("wrong credentials must be refused");
+        assert!(matches!(err, Error::Auth { .. }), "{bad}: {err:?}");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("wrong"), "the password leaked: {text}");
+    }
+    // No password at all on a server that requires one: Auth too.
+    let err = RedisBackend::connect(&BackendUrl::parse(&format!("redis://{base}")).unwrap())
+        .await
+        .expect_err("no credentials");
+    assert!(matches!(err, Error::Auth { .. }), "{err:?}");
+    // The right ones work, for the default user and for an ACL user.
+    for good in [
+        format!("redis://:s3cret@{base}"),
+        format!("redis://alice:alicepw@{base}"),
+    ] {
+        let h = RedisBackend::connect(&BackendUrl::parse(&good).unwrap())
+            .await
+            .expect("right credentials");
+        h.put("k", Bytes::from("v"), PutOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unreachable_port_is_unavailable_within_the_timeout() {
+    // A port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let t = Instant::now();
+    let err = RedisBackend::connect(&url(&format!("redis://127.0.0.1:{port}"), "timeout=500ms"))
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // A server that accepts connections but never answers (a frozen host).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let t = Instant::now();
+    let err = RedisBackend::connect(&url(&format!("redis://{addr}"), "timeout=500ms"))
+        .await
+        .expect_err("a silent server");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_server_gives_unavailable_then_recovers() {
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = RedisBackend::connect(&url(server.url(), "namespace=frozen&timeout=400ms"))
+        .await
+        .unwrap();
+    h.put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
+    server.pause().expect("SIGSTOP");
+    let t = Instant::now();
+    let err = h.get("k").await.expect_err("the server is frozen");
+    let took = t.elapsed();
+    server.resume().expect("SIGCONT");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let kv = eventually(Duration::from_secs(5), "a read after SIGCONT", || async {
+        h.get("k").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(kv.value, Bytes::from("v"));
+}
+
+#[tokio::test]
+async fn script_flush_is_recovered_from() {
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = open(server.url(), "flush").await;
+    let mut con = raw(server.url()).await;
+    let r1 = h
+        .put("k", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    let g = h
+        .lock("l", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // Every script is gone from the server; each call reloads its own.
+    let r2 = h
+        .put("k", Bytes::from("2"), PutOptions::if_revision(r1))
+        .await
+        .expect("put after SCRIPT FLUSH");
+    assert!(r2 > r1);
+    g.release().await.expect("release after SCRIPT FLUSH");
+    let out = h
+        .txn(
+            TxnRequest::new()
+                .when([Compare::revision("k", latchkey_core::CmpOp::Equal, r2)])
+                .then([Op::get("k")]),
+        )
+        .await
+        .expect("txn after SCRIPT FLUSH");
+    assert!(out.succeeded);
+    assert_eq!(h.list("", Default::default()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn plain_set_nx_px_locks_interoperate() {
+    let base = shared_url();
+    let ns = unique_namespace("interop");
+    let h = open(&base, &ns).await;
+    let mut con = raw(&base).await;
+    let key = h.lock_key("x");
+    assert_eq!(key, format!("latchkey:{{{ns}}}:lock:x"));
+
+    // A redsync / redis-py style lock on the key excludes ours...
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg("foreign-token")
+        .arg("NX")
+        .arg("PX")
+        .arg(400)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(set.as_deref(), Some("OK"));
+    let opts = LockOptions::ttl(Duration::from_secs(5));
+    assert!(h.try_lock("x", opts.clone()).await.unwrap().is_none());
+    // ...and when it expires (its release publishes nothing), our waiter
+    // gets the lock within its PTTL bound.
+    let t = Instant::now();
+    let g = h
+        .lock("x", opts.clone().with_wait(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // Ours excludes theirs, and holds our owner id, as SET NX PX would.
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg("foreign-token")
+        .arg("NX")
+        .arg("PX")
+        .arg(400)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(set, None, "SET NX must fail while we hold the lock");
+    let owner: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(owner, g.entry().id);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 5000, "{pttl}");
+    // The token comes from the separate counter key.
+    let fence: u64 = redis::cmd("GET")
+        .arg(h.fence_key("x"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(fence, g.fencing_token());
+    g.release().await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+}
+
+/// `calls=` per command from `INFO commandstats` (the INFO calls excluded).
+async fn command_calls(
+    con: &mut redis::aio::MultiplexedConnection,
+) -> std::collections::BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats
+                .split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            (name != "info").then(|| (name.to_string(), calls))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_lock_and_release_cost_two_round_trips() {
+    use futures::StreamExt;
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = open(server.url(), "rtt").await;
+    let mut con = raw(server.url()).await;
+    let opts = LockOptions::ttl(Duration::from_secs(30));
+    // Warm up: the scripts get loaded once per server.
+    h.lock("warm", opts.clone())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // MONITOR shows each command a client sent, and separately (as
+    // "[0 lua]") the commands a script ran.
+    let monitor = redis::Client::open(server.url())
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let mut lines = monitor.into_on_message::<String>();
+    let before = command_calls(&mut con).await;
+    let _: String = redis::cmd("ECHO")
+        .arg("mark-start")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let g = h.lock("job", opts.clone()).await.unwrap();
+    g.release().await.unwrap();
+    let _: String = redis::cmd("ECHO")
+        .arg("mark-end")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let after = command_calls(&mut con).await;
+
+    // INFO commandstats: two EVALSHA, and every other command that ran was
+    // run inside those scripts (no GET/SET/PUBLISH of their own, no
+    // SCRIPT LOAD, no SUBSCRIBE).
+    let delta: std::collections::BTreeMap<String, u64> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(k, v)| *v > 0 && k != "echo")
+        .collect();
+    assert_eq!(delta.get("evalsha"), Some(&2), "{delta:?}");
+    let in_scripts = ["evalsha", "set", "incr", "get", "del", "publish"];
+    assert!(
+        delta.keys().all(|k| in_scripts.contains(&k.as_str())),
+        "unexpected commands: {delta:?}"
+    );
+
+    // MONITOR: exactly two commands from a client between the marks.
+    let mut sent = Vec::new();
+    let mut started = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(line)) = tokio::time::timeout_at(deadline, lines.next()).await {
+        if line.contains("\"mark-start\"") {
+            started = true;
+        } else if line.contains("\"mark-end\"") {
+            break;
+        } else if started && !line.contains(" lua]") {
+            sent.push(line);
+        }
+    }
+    assert!(started, "MONITOR did not see the start mark");
+    assert_eq!(sent.len(), 2, "round trips of lock + release: {sent:#?}");
+    assert!(
+        sent.iter()
+            .all(|l| l.to_ascii_lowercase().contains("\"evalsha\"")),
+        "{sent:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_locks_few_connections_one_renewal_call_per_tick() {
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = open(server.url(), "many").await;
+    let mut con = raw(server.url()).await;
+    let ttl = Duration::from_millis(600);
+    let mut guards = Vec::new();
+    for i in 0..2000 {
+        guards.push(
+            h.try_lock(&format!("lock-{i}"), LockOptions::ttl(ttl))
+                .await
+                .unwrap()
+                .expect("free lock"),
+        );
+    }
+    let before = command_calls(&mut con).await;
+    let t = Instant::now();
+    // Hold for about 4 TTLs: every lock must be renewed several times.
+    tokio::time::sleep(ttl * 4).await;
+    let held_for = t.elapsed();
+    let after = command_calls(&mut con).await;
+    assert!(guards.iter().all(|g| !g.is_lost()), "a lock was lost");
+    let evalsha =
+        after.get("evalsha").copied().unwrap_or(0) - before.get("evalsha").copied().unwrap_or(0);
+    // One renewal script per tick (TTL/3) for all 2000 locks: about 12
+    // calls, not 2000 × 12.
+    let ticks = (held_for.as_millis() / (ttl.as_millis() / 3)) as u64;
+    assert!(
+        evalsha >= 3 && evalsha <= ticks + 3,
+        "{evalsha} renewal calls in {ticks} ticks"
+    );
+    let pexpire =
+        after.get("pexpire").copied().unwrap_or(0) - before.get("pexpire").copied().unwrap_or(0);
+    assert!(pexpire >= 2000 * 3, "renewed {pexpire} keys");
+    // Connections: the raw one and the handle's command connection.
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(clients.lines().count(), 2, "{clients}");
+    for g in &guards {
+        g.release().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn cancelled_waiter_leaves_no_subscription() {
+    let base = shared_url();
+    let ns = unique_namespace("cancel");
+    let a = open(&base, &ns).await;
+    let b = open(&base, &ns).await;
+    let mut con = raw(&base).await;
+    let opts = LockOptions::ttl(Duration::from_secs(10));
+    let g = a.lock("x", opts.clone()).await.unwrap();
+    let channel = format!("latchkey:{{{ns}}}:released:x");
+    let numsub = |con: &mut redis::aio::MultiplexedConnection| {
+        let mut con = con.clone();
+        let channel = channel.clone();
+        async move {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let err = b
+        .lock("x", opts.clone().with_wait(Duration::from_millis(300)))
+        .await
+        .expect_err("held by a");
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert_eq!(b.waiting_channels(), 0);
+    eventually(Duration::from_secs(1), "the unsubscribe", || {
+        let f = numsub(&mut con);
+        async move { (f.await == 0).then_some(()) }
+    })
+    .await;
+    // A waiter is woken by the release (not by its TTL bound of 10 s).
+    let waiter = tokio::spawn(async move {
+        let t = Instant::now();
+        let g2 = b.lock("x", LockOptions::ttl(Duration::from_secs(10))).await;
+        (g2, t.elapsed(), b)
+    });
+    eventually(Duration::from_secs(2), "the waiter's subscription", || {
+        let f = numsub(&mut con);
+        async move { (f.await == 1).then_some(()) }
+    })
+    .await;
+    g.release().await.unwrap();
+    let (g2, waited, b) = waiter.await.unwrap();
+    let g2 = g2.expect("the waiter gets the lock");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    g2.release().await.unwrap();
+    assert_eq!(b.waiting_channels(), 0);
+}
+
+// ------------------------------------------------------------------ TLS
+
+struct Pki {
+    dir: std::path::PathBuf,
+    files: TlsFiles,
+    other_ca: std::path::PathBuf,
+}
+
+fn make_pki(tag: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = std::env::temp_dir().join(format!("latchkey-redis-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert, Issuer::new(p, key))
+    };
+    let (ca_cert, issuer) = ca("latchkey test CA");
+    let (other_cert, _) = ca("some other CA");
+    let mut sp =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    sp.distinguished_name
+        .push(DnType::CommonName, "redis test server");
+    let skey = KeyPair::generate().unwrap();
+    let scert = sp.signed_by(&skey, &issuer).unwrap();
+    let w = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    Pki {
+        files: TlsFiles {
+            cert: w("server.pem", scert.pem()),
+            key: w("server.key", skey.serialize_pem()),
+            ca: w("ca.pem", ca_cert.pem()),
+        },
+        other_ca: w("other-ca.pem", other_cert.pem()),
+        dir,
+    }
+}
+
+#[tokio::test]
+async fn rediss_with_a_test_ca_and_untrusted_certificates_refused() {
+    let pki = make_pki("a");
+    let server = spawn_redis(RedisOptions {
+        tls: Some(pki.files.clone()),
+        ..Default::default()
+    })
+    .expect("spawn a TLS redis-server");
+    assert!(server.url().starts_with("rediss://"), "{}", server.url());
+    let ca = pki.files.ca.display().to_string();
+    let h = RedisBackend::connect(&url(server.url(), &format!("namespace=tls&ca={ca}")))
+        .await
+        .expect("TLS with the test CA");
+    let r = h
+        .put("k", Bytes::from("over tls"), PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(h.get("k").await.unwrap().unwrap().revision, r);
+    let g = h
+        .lock("l", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    g.release().await.unwrap();
+
+    // A certificate from a CA we do not trust: the system roots, or
+    // another CA.
+    for params in [
+        "timeout=2s".to_string(),
+        format!("ca={}", pki.other_ca.display()),
+    ] {
+        let err = RedisBackend::connect(&url(server.url(), &params))
+            .await
+            .expect_err("an untrusted certificate must be refused");
+        let text = err.to_string();
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(text.contains("certificate"), "not a clear error: {text}");
+    }
+    // Plain redis:// to a TLS port fails too (no silent downgrade).
+    let plain = server.url().replacen("rediss://", "redis://", 1);
+    assert!(RedisBackend::connect(&url(&plain, "timeout=1s"))
+        .await
+        .is_err());
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test]
+async fn bad_urls_are_invalid_url() {
+    for bad in [
+        "redis://h1:1,h2:2",
+        "redis://h:1/notadb",
+        "redis://h:1?timeout=soon",
+        "redis://h:1?history=0",
+        "redis://h:1?bogus=1",
+        "redis://h:1?ca=/x.pem",
+        "rediss://h:1?ca=/nonexistent/ca.pem",
+        "etcd://h:1",
+        "redis://",
+    ] {
+        let err = RedisBackend::connect(&BackendUrl::parse(bad).unwrap())
+            .await
+            .expect_err(bad);
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err:?}");
+    }
+}
