@@ -121,8 +121,9 @@ impl ChildProcess {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     let msg = match prefix {
-                        Some(p) => match line.strip_prefix(p) {
-                            Some(m) => m.to_string(),
+                        // libtest may have written `test name ... ` before it on the same line.
+                        Some(p) => match line.find(p) {
+                            Some(i) => line[i + p.len()..].to_string(),
                             None => continue,
                         },
                         None => line,
@@ -188,9 +189,9 @@ impl ChildProcess {
         }
     }
 
-    /// Freezes the child (SIGSTOP).
+    /// Freezes the child (SIGSTOP) and returns once every thread has stopped.
     pub fn pause(&self) -> io::Result<()> {
-        process::signal(self.child.id(), libc::SIGSTOP)
+        process::stop(self.child.id())
     }
 
     /// Thaws the child (SIGCONT).

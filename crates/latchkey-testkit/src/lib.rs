@@ -45,9 +45,7 @@ pub use bins::{is_ci, APT_INSTALL_ALL, ZOOKEEPER_JAR};
 pub use child::ChildProcess;
 pub use consul::{spawn_consul_sim, ConsulTarget};
 pub use proxy::{FaultProxy, ProxyMode};
-pub use server::{
-    Cluster, EtcdOptions, Kind, RedisOptions, Server, TlsFiles, ZookeeperOptions,
-};
+pub use server::{Cluster, EtcdOptions, Kind, RedisOptions, Server, TlsFiles, ZookeeperOptions};
 
 use std::sync::OnceLock;
 
@@ -221,9 +219,11 @@ pub fn redis() -> &'static Server {
 /// `CI=true`. The first attempt's outcome is cached.
 pub fn try_redis() -> Result<&'static Server, String> {
     static CELL: OnceLock<Result<Server, String>> = OnceLock::new();
-    shared(&CELL, "redis", || match env_url("LATCHKEY_TEST_REDIS_URL") {
-        Some(url) => Ok(Server::external(Kind::Redis, url)),
-        None => spawn_redis(RedisOptions::default()),
+    shared(&CELL, "redis", || {
+        match env_url("LATCHKEY_TEST_REDIS_URL") {
+            Some(url) => Ok(Server::external(Kind::Redis, url)),
+            None => spawn_redis(RedisOptions::default()),
+        }
     })
 }
 
@@ -301,8 +301,10 @@ pub fn consul() -> &'static ConsulTarget {
 /// Like [`consul`], returning the reason instead of panicking (except with `CI=true`).
 pub fn try_consul() -> Result<&'static ConsulTarget, String> {
     static CELL: OnceLock<Result<ConsulTarget, String>> = OnceLock::new();
-    shared(&CELL, "consul", || match env_url("LATCHKEY_TEST_CONSUL_URL") {
-        Some(url) => Ok(ConsulTarget::external(url)),
-        None => spawn_consul_sim(),
+    shared(&CELL, "consul", || {
+        match env_url("LATCHKEY_TEST_CONSUL_URL") {
+            Some(url) => Ok(ConsulTarget::external(url)),
+            None => spawn_consul_sim(),
+        }
     })
 }

@@ -118,13 +118,27 @@ pub(crate) fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
     // SAFETY: the closure only makes async-signal-safe syscalls.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The parent may have died between fork and prctl: then nobody would
             // send the signal, so give up instead of running as an orphan.
             if libc::getppid() != parent {
                 return Err(io::Error::other("parent exited before exec"));
+            }
+            // A process group of its own: when any process of the test's group exits
+            // and that group is orphaned (common under CI runners), the kernel sends
+            // SIGHUP + SIGCONT to every stopped member, which would thaw a paused
+            // server or kill it. Terminal Ctrl-C still works through PDEATHSIG.
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
@@ -160,6 +174,50 @@ pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sends SIGSTOP and waits until every thread of `pid` has stopped.
+///
+/// `kill(SIGSTOP)` returns before the stop happens: one thread dequeues the signal
+/// and then stops the others, so a thread woken by I/O in the meantime can still run
+/// (seen on a loaded 2-core machine). A pause that is not yet in effect would make
+/// fault tests flaky, so wait for `/proc/<pid>/task/*/stat` to show `T` everywhere.
+pub(crate) fn stop(pid: u32) -> io::Result<()> {
+    signal(pid, libc::SIGSTOP)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if all_threads_stopped(pid)? {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("process {pid} did not stop within 5 s of SIGSTOP"),
+            ));
+        }
+        std::thread::yield_now();
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+fn all_threads_stopped(pid: u32) -> io::Result<bool> {
+    let mut any = false;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // the thread just exited
+        };
+        // The state follows the parenthesised command name, which may contain spaces.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        match state {
+            Some('T') | Some('t') | Some('Z') | Some('X') => any = true,
+            Some(_) => return Ok(false),
+            None => {}
+        }
+    }
+    Ok(any)
 }
 
 /// A temporary directory, removed on drop and, if still present, at process exit.

@@ -324,7 +324,11 @@ impl Node {
             .as_ref()
             .map(|c| c.id())
             .ok_or_else(|| Error::NotRunning(self.spec.name.clone()))?;
-        process::signal(pid, sig).map_err(|e| Error::io(format!("signal {pid}"), e))?;
+        if sig == libc::SIGSTOP {
+            process::stop(pid).map_err(|e| Error::io(format!("SIGSTOP {pid}"), e))?;
+        } else {
+            process::signal(pid, sig).map_err(|e| Error::io(format!("signal {pid}"), e))?;
+        }
         st.paused = paused;
         Ok(())
     }
@@ -437,7 +441,8 @@ impl Server {
             .ok_or_else(|| Error::External(self.url.clone()))
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    /// Freezes the server (SIGSTOP) and returns once every thread has stopped:
+    /// connections stay open, nothing is answered.
     pub fn pause(&self) -> Result<()> {
         self.node()?.signal(libc::SIGSTOP, true)
     }
@@ -599,7 +604,10 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
     let mut held = Vec::new();
     while out.len() < n {
         let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind 127.0.0.1:0", e))?;
-        let port = l.local_addr().map_err(|e| Error::io("local_addr", e))?.port();
+        let port = l
+            .local_addr()
+            .map_err(|e| Error::io("local_addr", e))?
+            .port();
         held.push(l);
         if !given.contains(&port) {
             given.push(port);
@@ -703,7 +711,11 @@ pub(crate) fn spawn_redis(opts: &RedisOptions) -> Result<Server> {
             ready_timeout: opts.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
         });
         node.start(true)?;
-        let scheme = if opts.tls.is_some() { "rediss" } else { "redis" };
+        let scheme = if opts.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         Ok(Server {
             kind: Kind::Redis,
             url: format!("{scheme}://{addr}"),
@@ -760,9 +772,7 @@ fn etcd_node(
         "stderr".into(),
     ];
     if fast {
-        args.extend(
-            ["--heartbeat-interval", "50", "--election-timeout", "500"].map(String::from),
-        );
+        args.extend(["--heartbeat-interval", "50", "--election-timeout", "500"].map(String::from));
     }
     if let Some(tls) = &opts.tls {
         args.push("--cert-file".into());
@@ -876,7 +886,6 @@ pub(crate) fn spawn_etcd_cluster(size: usize, opts: &EtcdOptions) -> Result<Clus
     })
 }
 
-
 // ---------------------------------------------------------------- ZooKeeper
 
 struct ZkMember {
@@ -976,7 +985,9 @@ pub(crate) fn spawn_zookeeper_ensemble(size: usize, opts: &ZookeeperOptions) -> 
     let java = bins::java()?;
     let cp = bins::zookeeper_classpath()?;
     if size == 0 {
-        return Err(Error::Invalid("an ensemble needs at least one member".into()));
+        return Err(Error::Invalid(
+            "an ensemble needs at least one member".into(),
+        ));
     }
     with_port_retries(|| {
         let root = TempDir::new("zookeeper-ensemble")?;

@@ -19,7 +19,10 @@ fn assert_timed_out(r: std::io::Result<impl std::fmt::Debug>) {
 #[test]
 fn shared_servers_answer_and_are_shared() {
     let r = latchkey_testkit::redis();
-    assert!(std::ptr::eq(r, latchkey_testkit::redis()), "one Redis per test binary");
+    assert!(
+        std::ptr::eq(r, latchkey_testkit::redis()),
+        "one Redis per test binary"
+    );
     assert_eq!(r.kind(), Kind::Redis);
     assert_eq!(r.url(), format!("redis://127.0.0.1:{}", r.port().unwrap()));
     probe::redis_ping(r.addr().unwrap(), LONG).unwrap();
@@ -31,8 +34,14 @@ fn shared_servers_answer_and_are_shared() {
 
     let z = latchkey_testkit::zookeeper();
     assert!(std::ptr::eq(z, latchkey_testkit::zookeeper()));
-    assert_eq!(z.url(), format!("zookeeper://127.0.0.1:{}", z.port().unwrap()));
-    assert_eq!(probe::zk_mode(z.addr().unwrap(), LONG).unwrap(), "standalone");
+    assert_eq!(
+        z.url(),
+        format!("zookeeper://127.0.0.1:{}", z.port().unwrap())
+    );
+    assert_eq!(
+        probe::zk_mode(z.addr().unwrap(), LONG).unwrap(),
+        "standalone"
+    );
     // TTL nodes need this flag; the shared ZooKeeper has it.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", z.pid().unwrap())).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains("-Dzookeeper.extendedTypesEnabled=true"));
@@ -81,7 +90,10 @@ fn etcd_and_zookeeper_pause_time_out_and_resume_recovers() {
     z.pause().unwrap();
     assert_timed_out(probe::zk_mode(z.addr().unwrap(), SHORT));
     z.resume().unwrap();
-    assert_eq!(probe::zk_mode(z.addr().unwrap(), LONG).unwrap(), "standalone");
+    assert_eq!(
+        probe::zk_mode(z.addr().unwrap(), LONG).unwrap(),
+        "standalone"
+    );
 }
 
 fn etcd_put(addr: std::net::SocketAddr, key: &str, value: &str) {
@@ -112,8 +124,14 @@ fn etcd_kill_and_restart_keep_data_and_port() {
     s.kill().unwrap();
     assert!(s.pid().is_none());
     assert!(!s.is_running());
-    assert!(probe::etcd_health(addr, SHORT).is_err(), "killed etcd still answers");
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "killed etcd was not reaped");
+    assert!(
+        probe::etcd_health(addr, SHORT).is_err(),
+        "killed etcd still answers"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "killed etcd was not reaped"
+    );
 
     s.restart().unwrap();
     assert_ne!(s.pid(), Some(pid));
@@ -129,11 +147,17 @@ fn zookeeper_kill_and_restart_keep_data() {
     use zookeeper_client as zk;
     let s = latchkey_testkit::spawn_zookeeper(ZookeeperOptions::default()).unwrap();
     let hostport = s.addr().unwrap().to_string();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let client = zk::Client::connect(&hostport).await.unwrap();
         let opts = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-        client.create("/latchkey-restart", b"survives", &opts).await.unwrap();
+        client
+            .create("/latchkey-restart", b"survives", &opts)
+            .await
+            .unwrap();
     });
     s.kill().unwrap();
     assert!(probe::zk_mode(s.addr().unwrap(), SHORT).is_err());
@@ -155,7 +179,8 @@ fn redis_options_reach_the_server() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     // Without the flag, DEBUG is refused (Redis 7 default).
     let plain = latchkey_testkit::redis();
-    let reply = probe::redis_command(plain.addr().unwrap(), &["DEBUG", "SLEEP", "0"], LONG).unwrap();
+    let reply =
+        probe::redis_command(plain.addr().unwrap(), &["DEBUG", "SLEEP", "0"], LONG).unwrap();
     assert!(reply.starts_with("-ERR"), "{reply}");
 }
 
@@ -185,6 +210,9 @@ fn unique_namespaces_differ_and_are_plain() {
     let b = latchkey_testkit::unique_namespace("kv/test");
     assert_ne!(a, b);
     assert!(a.starts_with("kv-test-"), "{a}");
-    assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{a}");
+    assert!(
+        a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+        "{a}"
+    );
     assert!(a.len() <= 100);
 }
