@@ -44,7 +44,10 @@ pub enum ReadMode {
 }
 
 pub(crate) struct Inner {
-    pub client: zk::Client,
+    /// The main session; replaced by a new one once it expired.
+    client: std::sync::RwLock<zk::Client>,
+    reconnect: tokio::sync::Mutex<()>,
+    session_timeout: Duration,
     pub cfg: ConnCfg,
     pub acls: zk::Acls<'static>,
     pub ns: String,
@@ -163,7 +166,9 @@ impl ZookeeperBackend {
         let locks = Locks::new(cfg.clone(), lock_dir.clone(), acls, bounds);
         Ok(ZookeeperBackend {
             inner: Arc::new(Inner {
-                client,
+                client: std::sync::RwLock::new(client),
+                reconnect: tokio::sync::Mutex::new(()),
+                session_timeout,
                 cfg,
                 acls,
                 ns,
@@ -196,16 +201,40 @@ impl ZookeeperBackend {
 
     /// The ZooKeeper session id of the handle's main session.
     pub fn session_id(&self) -> i64 {
-        self.inner.client.session_id().0
+        self.current().session_id().0
     }
 
     /// The main session's client (for tests and interop).
-    pub fn client(&self) -> &zk::Client {
-        &self.inner.client
+    pub fn client(&self) -> zk::Client {
+        self.current()
+    }
+
+    fn current(&self) -> zk::Client {
+        self.inner.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The main session's client. Once that session expired (a partition
+    /// longer than its timeout), a new session replaces it, so the handle
+    /// recovers; the calls that were in flight failed with `Unavailable` and
+    /// watches on the old session ended with an error.
+    pub(crate) async fn zk(&self) -> Result<zk::Client> {
+        let c = self.current();
+        if c.state() != zk::SessionState::Expired {
+            return Ok(c);
+        }
+        let _one = self.inner.reconnect.lock().await;
+        let c = self.current();
+        if c.state() != zk::SessionState::Expired {
+            return Ok(c);
+        }
+        tracing::warn!(cluster = %self.inner.cfg.cluster, "zookeeper session expired; opening a new one");
+        let fresh = self.inner.cfg.connect(self.inner.session_timeout).await?;
+        *self.inner.client.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
     }
 
     pub(crate) async fn read_key(&self, path: &str, what: &str) -> Result<KeyState> {
-        match self.inner.client.get_data(path).await {
+        match self.zk().await?.get_data(path).await {
             Ok((data, stat)) => Ok(Some(Node::from_read(data, &stat))),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(map(e, Kind::Read, what)),
@@ -214,7 +243,8 @@ impl ZookeeperBackend {
 
     /// Reads many znodes in one `multi` read (one consistent server state).
     pub(crate) async fn read_many(&self, paths: &[String], what: &str) -> Result<Vec<KeyState>> {
-        let mut r = self.inner.client.new_multi_reader();
+        let client = self.zk().await?;
+        let mut r = client.new_multi_reader();
         for p in paths {
             r.add_get_data(p).map_err(|e| map(e, Kind::Read, what))?;
         }
@@ -232,7 +262,8 @@ impl ZookeeperBackend {
 
     /// Confirms `st` of `path` through the write path. `Ok(true)`: still so.
     async fn confirm(&self, path: &str, st: &KeyState, what: &str) -> Result<bool> {
-        let mut plan = Plan::new(&self.inner.client, self.inner.acls);
+        let client = self.zk().await?;
+        let mut plan = Plan::new(&client, self.inner.acls);
         plan.pin(path, st).map_err(|e| map(e, Kind::Read, what))?;
         match plan.commit().await {
             Commit::Done(_) => Ok(true),
@@ -248,7 +279,7 @@ impl ZookeeperBackend {
     /// All keys of the namespace starting with `prefix`, sorted, with their
     /// znode names.
     pub(crate) async fn matching_keys(&self, prefix: &str) -> Result<Vec<(String, String)>> {
-        let names = match self.inner.client.list_children(&self.inner.kv_dir).await {
+        let names = match self.zk().await?.list_children(&self.inner.kv_dir).await {
             Ok(n) => n,
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(map(e, Kind::Read, "listing keys")),
@@ -301,7 +332,8 @@ impl KvStore for ZookeeperBackend {
                 }
                 continue;
             }
-            let mut plan = Plan::new(&self.inner.client, self.inner.acls);
+            let client = self.zk().await?;
+            let mut plan = Plan::new(&client, self.inner.acls);
             let mut sim = Sim::new(&st);
             let idx = plan
                 .put(&path, &mut sim, &value, ttl)
@@ -340,7 +372,8 @@ impl KvStore for ZookeeperBackend {
                 }
                 continue;
             }
-            let mut plan = Plan::new(&self.inner.client, self.inner.acls);
+            let client = self.zk().await?;
+            let mut plan = Plan::new(&client, self.inner.acls);
             let mut sim = Sim::new(&st);
             plan.tombstone(&path, &mut sim).map_err(|e| map(e, Kind::Write, &what))?;
             match plan.commit().await {
@@ -458,7 +491,8 @@ impl Txn for ZookeeperBackend {
                 _ => false,
             });
             let branch = if succeeded { &req.then } else { &req.otherwise };
-            let mut plan = Plan::new(&self.inner.client, self.inner.acls);
+            let client = self.zk().await?;
+            let mut plan = Plan::new(&client, self.inner.acls);
             let mut sims: HashMap<&str, Sim> = HashMap::new();
             let wmap = |e| map(e, Kind::Write, what);
             // Pin everything the decision and the reads rest on.

@@ -6,11 +6,13 @@
 //!   `/latchkey/default/locks/<escaped x>`); each contender creates an
 //!   ephemeral-sequential child `_c_<uuid>-lock-<seq>` (Curator's protected
 //!   name); the lowest sequence holds the lock, each waiter watches only its
-//!   predecessor. Blocking acquisition uses `zookeeper-client`'s own recipe
-//!   ([`zk::Client::lock`] with [`zk::LockPrefix::new_curator`]), which also
-//!   finds its entry again by the uuid when the create's reply was lost and
-//!   deletes its entry when the wait is cancelled. The lock dir is created
-//!   persistent, never as a container, so it is never reaped under a waiter.
+//!   predecessor. A create whose reply was lost is resolved by finding the
+//!   entry by its uuid; a cancelled or failed attempt deletes its entry (by
+//!   path, or by uuid when the create's outcome is unknown). The lock dir is
+//!   created persistent, never as a container, so it is never reaped under
+//!   a waiter. (Same layout as `zookeeper-client`'s
+//!   `LockPrefix::new_curator` recipe, which `Locks::lock` explains why
+//!   it does not use.)
 //! - **Fencing token** = the entry's `czxid`: global, never reused. (The
 //!   sequence suffix is the parent's 32-bit child counter; it restarts if
 //!   the parent is recreated, so it is not a token.)
@@ -38,7 +40,7 @@ use crate::keys::encode_key;
 use async_trait::async_trait;
 use latchkey_core::lock::local::{LocalQueues, LocalTurn};
 use latchkey_core::{
-    CancelOnDrop, Error, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
+    CancelOnDrop, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -131,66 +133,143 @@ impl Locks {
         LockGuard::new(entry, trigger, Arc::new(ZkGuardOps { sess }), Some(turn))
     }
 
-    /// Waits for lock `name` (cancel-safe: a dropped wait deletes its entry).
-    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<LockGuard> {
-        let turn = self.local.turn(name).await;
-        let dir = self.dir_of(name);
-        let what = format!("lock {name:?}");
+    /// Creates this contender's entry `<dir>/_c_<uuid>-lock-<seq>` and arms
+    /// its cleanup. A create whose reply was lost (any transport error) is
+    /// resolved by looking for the uuid; if the outcome stays unknown, the
+    /// cleanup deletes whatever entry carries the uuid.
+    async fn create_entry(&self, sess: &LockSession, dir: &str, what: &str) -> Result<Entry> {
+        let protected = format!("_c_{}-{LOCK_NAME}", uuid::Uuid::new_v4());
+        let prefix = format!("{dir}/{protected}");
+        // Requests of one session are served in order, so a cleanup that
+        // lists the dir after the create was sent sees the entry if it exists.
+        let cleanup = CancelOnDrop::new(delete_by_prefix(sess.client.clone(), dir.to_string(), protected.clone()));
+        let create = zk::CreateMode::EphemeralSequential.with_acls(self.acls);
         let mut attempt = 0u32;
         loop {
-            let sess = self.session(ttl).await?;
-            let prefix = zk::LockPrefix::new_curator(&dir, LOCK_NAME)
-                .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
-            let dir_opts = zk::CreateMode::Persistent.with_acls(self.acls);
-            let options = zk::LockOptions::new(self.acls)
-                .with_ancestor_options(dir_opts)
-                .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
-            let path = match sess.client.lock(prefix, &[], options).await {
-                Ok(lc) => {
-                    let path = lc.lock_path().to_string();
-                    // Release is ours to do (fenced, awaited, idempotent);
-                    // forgetting a borrowed LockClient leaks only its path.
-                    std::mem::forget(lc);
-                    path
+            match sess.client.create(&prefix, &[], &create).await {
+                Ok((stat, seq)) => {
+                    let path = format!("{prefix}{seq}");
+                    return Ok(Entry {
+                        name: path[dir.len() + 1..].to_string(),
+                        path,
+                        czxid: stat.czxid,
+                        cleanup,
+                    });
                 }
-                Err(e) if is_session_gone(&e) || e == zk::Error::RuntimeInconsistent => {
+                Err(zk::Error::NoNode) => {
+                    // The lock dir: persistent, never a container, so it is
+                    // not reaped while waiters use it.
+                    sess.client
+                        .mkdir(dir, &zk::CreateMode::Persistent.with_acls(self.acls))
+                        .await
+                        .map_err(|e| map(e, Kind::Write, what))?;
+                }
+                Err(e) if is_transport(&e) && attempt < 10 => {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
-                    continue;
+                    let children = match sess.client.list_children(dir).await {
+                        Ok(c) => c,
+                        Err(e) if is_transport(&e) => continue,
+                        Err(e) => return Err(map(e, Kind::Read, what)),
+                    };
+                    if let Some(c) = children.into_iter().find(|c| c.starts_with(&protected)) {
+                        let path = format!("{dir}/{c}");
+                        match sess.client.check_stat(&path).await {
+                            Ok(Some(stat)) => {
+                                return Ok(Entry {
+                                    name: c,
+                                    path,
+                                    czxid: stat.czxid,
+                                    cleanup,
+                                })
+                            }
+                            Ok(None) => continue,
+                            Err(e) if is_transport(&e) => continue,
+                            Err(e) => return Err(map(e, Kind::Read, what)),
+                        }
+                    }
+                }
+                Err(e) => return Err(map(e, Kind::Write, what)),
+            }
+        }
+    }
+
+    /// Where `entry` stands among the entries of `dir`: `Ok(None)` = it is
+    /// first (holds the lock), `Ok(Some(pred))` = the entry just before it.
+    /// Also returns when the listing was sent (the session was alive then).
+    async fn position(&self, sess: &LockSession, dir: &str, own_name: &str, what: &str) -> Result<(Position, Instant)> {
+        let mut attempt = 0u32;
+        loop {
+            let sent = Instant::now();
+            match sess.client.list_children(dir).await {
+                Ok(children) => {
+                    let own = sequence_of(own_name);
+                    let mut seqs: Vec<(i64, String)> =
+                        children.into_iter().filter_map(|c| sequence_of(&c).map(|s| (s, c))).collect();
+                    seqs.sort_unstable();
+                    return Ok((
+                        match seqs.iter().position(|(_, c)| c == own_name) {
+                            None => Position::Gone,
+                            Some(0) => Position::First,
+                            Some(i) if own.is_some() => Position::After(seqs[i - 1].1.clone()),
+                            Some(_) => Position::Gone,
+                        },
+                        sent,
+                    ));
                 }
                 Err(e) if is_transport(&e) => {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
-                    continue;
                 }
-                Err(e) => return Err(map(e, Kind::Write, &what)),
+                Err(e) if is_session_gone(&e) => return Ok((Position::Gone, sent)),
+                Err(e) => return Err(map(e, Kind::Read, what)),
+            }
+        }
+    }
+
+    /// Waits for lock `name` (cancel-safe: a dropped wait deletes its entry).
+    ///
+    /// ZooKeeper's lock recipe, written here rather than taken from
+    /// `zookeeper-client`'s `Client::lock`: that one leaves an orphan entry
+    /// when a connection reset surfaces as `Error::Custom` (its lost-create
+    /// recovery handles only `ConnectionLoss`, and its background cleanup
+    /// gives up on the same error), and the orphan then blocks the lock for
+    /// the session's lifetime. The layout is the same (Curator's).
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<LockGuard> {
+        let turn = self.local.turn(name).await;
+        let dir = self.dir_of(name);
+        let what = format!("lock {name:?}");
+        'contend: loop {
+            let sess = self.session(ttl).await?;
+            let entry = match self.create_entry(&sess, &dir, &what).await {
+                Ok(e) => e,
+                Err(e) if e.is_transient() => continue 'contend,
+                Err(e) => return Err(e),
             };
-            // Until the guard exists, a cancelled wait must delete the entry.
-            let cleanup = CancelOnDrop::new(delete_entry(sess.client.clone(), path.clone()));
             loop {
-                let sent = Instant::now();
-                match sess.client.check_stat(&path).await {
-                    Ok(Some(stat)) => {
+                match self.position(&sess, &dir, &entry.name, &what).await? {
+                    (Position::First, sent) => {
+                        let Entry { path, czxid, cleanup, .. } = entry;
                         cleanup.disarm();
-                        return Ok(self.guard(name, path, stat.czxid, sess, sent, turn));
+                        return Ok(self.guard(name, path, czxid, sess, sent, turn));
                     }
-                    Ok(None) => {
-                        // Deleted behind our back (or the session expired)
-                        // before we saw it: contend again.
-                        cleanup.disarm();
-                        break;
+                    (Position::Gone, _) => {
+                        // Deleted behind our back, or the session expired:
+                        // contend again with a new entry.
+                        continue 'contend;
                     }
-                    Err(e) if is_transport(&e) => {
-                        attempt += 1;
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    Err(e) if is_session_gone(&e) => {
-                        cleanup.disarm();
-                        break;
-                    }
-                    Err(e) => {
-                        cleanup.run_now().await;
-                        return Err(map(e, Kind::Read, &what));
+                    (Position::After(pred), _) => {
+                        // Watch only the predecessor: one waiter wakes per release.
+                        let pred = format!("{dir}/{pred}");
+                        match sess.client.check_and_watch_stat(&pred).await {
+                            Ok((None, _)) => {}
+                            Ok((Some(_), watcher)) => {
+                                watcher.changed().await;
+                            }
+                            Err(e) if is_transport(&e) => tokio::time::sleep(backoff(1)).await,
+                            Err(e) if is_session_gone(&e) => continue 'contend,
+                            Err(e) => return Err(map(e, Kind::Read, &what)),
+                        }
                     }
                 }
             }
@@ -205,70 +284,34 @@ impl Locks {
         let sess = self.session(ttl).await?;
         let dir = self.dir_of(name);
         let what = format!("try_lock {name:?}");
-        let protected = format!("_c_{}-{LOCK_NAME}", uuid::Uuid::new_v4());
-        let prefix = format!("{dir}/{protected}");
-        let create = zk::CreateMode::EphemeralSequential.with_acls(self.acls);
-        let mut attempt = 0u32;
-        let (path, czxid, sent) = loop {
-            let sent = Instant::now();
-            match sess.client.create(&prefix, &[], &create).await {
-                Ok((stat, seq)) => break (format!("{prefix}{seq}"), stat.czxid, sent),
-                Err(zk::Error::NoNode) => {
-                    sess.client
-                        .mkdir(&dir, &zk::CreateMode::Persistent.with_acls(self.acls))
-                        .await
-                        .map_err(|e| map(e, Kind::Write, &what))?;
-                }
-                Err(e) if is_transport(&e) && attempt < 8 => {
-                    attempt += 1;
-                    tokio::time::sleep(backoff(attempt)).await;
-                    // The create may have succeeded: find our entry by its
-                    // uuid before trying again, so no orphan is left.
-                    let children = match sess.client.list_children(&dir).await {
-                        Ok(c) => c,
-                        Err(e) if is_transport(&e) => continue,
-                        Err(e) => return Err(map(e, Kind::Read, &what)),
-                    };
-                    if let Some(c) = children.iter().find(|c| c.starts_with(&protected)) {
-                        let path = format!("{dir}/{c}");
-                        let sent = Instant::now();
-                        match sess.client.check_stat(&path).await {
-                            Ok(Some(stat)) => break (path, stat.czxid, sent),
-                            Ok(None) => continue,
-                            Err(e) => {
-                                tokio::spawn(delete_entry(sess.client.clone(), path));
-                                return Err(map(e, Kind::Write, &what));
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Outcome unknown: make sure no entry is left behind.
-                    if is_transport(&e) {
-                        tokio::spawn(delete_by_prefix(sess.client.clone(), dir.clone(), protected.clone()));
-                    }
-                    return Err(map(e, Kind::Write, &what));
-                }
+        let entry = self.create_entry(&sess, &dir, &what).await?;
+        match self.position(&sess, &dir, &entry.name, &what).await? {
+            (Position::First, sent) => {
+                let Entry { path, czxid, cleanup, .. } = entry;
+                cleanup.disarm();
+                Ok(Some(self.guard(name, path, czxid, sess, sent, turn)))
             }
-        };
-        let cleanup = CancelOnDrop::new(delete_entry(sess.client.clone(), path.clone()));
-        let children = match sess.client.list_children(&dir).await {
-            Ok(c) => c,
-            Err(e) => {
-                cleanup.run_now().await;
-                return Err(map(e, Kind::Read, &what));
+            _ => {
+                entry.cleanup.run_now().await;
+                Ok(None)
             }
-        };
-        let own = sequence_of(&path);
-        let first = children.iter().filter_map(|c| sequence_of(c)).min();
-        if own.is_some() && first == own {
-            cleanup.disarm();
-            Ok(Some(self.guard(name, path, czxid, sess, sent, turn)))
-        } else {
-            cleanup.run_now().await;
-            Ok(None)
         }
     }
+}
+
+/// A contender's entry, deleted by `cleanup` unless it becomes a guard.
+struct Entry {
+    /// Its name in the lock dir.
+    name: String,
+    path: String,
+    czxid: i64,
+    cleanup: CancelOnDrop,
+}
+
+enum Position {
+    First,
+    After(String),
+    Gone,
 }
 
 /// The sequence number of a Curator lock entry (the digits after the last

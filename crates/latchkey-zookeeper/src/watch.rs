@@ -41,9 +41,8 @@ type Tx = UnboundedSender<Result<WatchEvent>>;
 pub(crate) async fn start(b: ZookeeperBackend, prefix: String) -> Result<WatchStream> {
     let kv_dir = b.inner.kv_dir.clone();
     // Register first, then take the baseline: nothing falls in between.
-    let watcher = b
-        .inner
-        .client
+    let client = b.zk().await?;
+    let watcher = client
         .watch(&kv_dir, zk::AddWatchMode::PersistentRecursive)
         .await
         .map_err(|e| map(e, Kind::Read, &format!("watch {prefix:?}")))?;
