@@ -48,6 +48,12 @@ impl Layout {
         format!("{}log", self.prefix)
     }
 
+    /// A random id of the namespace's data, created by the first watch: a
+    /// different one means the data (and the watch history) was lost.
+    pub(crate) fn epoch(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+
     /// Prefix of the hashes holding the user keys.
     pub(crate) fn kv_prefix(&self) -> String {
         format!("{}kv:", self.prefix)

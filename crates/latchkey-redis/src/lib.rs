@@ -51,6 +51,7 @@
 //! | `latchkey:{ns}:kv:<key>` | hash | `v` value, `r` revision, `t` TTL in ms (with `PEXPIRE`) |
 //! | `latchkey:{ns}:idx` | sorted set | every key of the namespace, score 0, so `list(prefix)` is one `ZRANGEBYLEX` (never `SCAN`) |
 //! | `latchkey:{ns}:log` | stream | one entry per change, id `<revision>-<n>`, fields `k`, `e` (`p`/`d`), `v` |
+//! | `latchkey:{ns}:epoch` | string | a random id set by the first watch; gone with the data, so watches notice lost history |
 //! | `latchkey:{ns}:lock:<name>` | string | the holder's owner id, with a PX expiry |
 //! | `latchkey:{ns}:fence:<name>` | string | the lock's fencing counter (kept forever) |
 //! | channel `latchkey:{ns}:released:<name>` | pub/sub | a message at every release |

@@ -176,20 +176,35 @@ end
 return out
 "#;
 
-/// watch start: KEYS rev log. Returns {current revision, highest revision
-/// trimmed from the stream (0: none)}.
+/// watch start: KEYS rev log epoch; ARGV a fresh random epoch. Returns
+/// {current revision, highest revision trimmed from the stream (0: none),
+/// epoch}. The epoch key is created by the first watch and vanishes with
+/// the rest of the namespace's data (a restart without persistence), so a
+/// watch that finds another epoch knows its history is gone even if new
+/// writes have pushed the counter past where it was.
 const WATCH_START: &str = r#"
+redis.call('SET', KEYS[3], ARGV[1], 'NX')
 local cur = redis.call('GET', KEYS[1]) or '0'
+-- Revisions in the stream are contiguous from 1, so everything before
+-- its first entry was trimmed (an empty stream: everything).
 local trimmed = '0'
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  local first, last = nil, '0'
   for n = 1, #info, 2 do
-    if info[n] == 'max-deleted-entry-id' then
-      trimmed = string.match(info[n + 1], '^(%d+)') or '0'
+    if info[n] == 'first-entry' and type(info[n + 1]) == 'table' then
+      first = string.match(info[n + 1][1], '^(%d+)')
+    elseif info[n] == 'last-generated-id' then
+      last = string.match(info[n + 1], '^(%d+)') or '0'
     end
   end
+  if first then
+    trimmed = string.format('%d', tonumber(first) - 1)
+  else
+    trimmed = last
+  end
 end
-return {cur, trimmed}
+return {cur, trimmed, redis.call('GET', KEYS[3])}
 "#;
 
 /// acquire: KEYS lock fence; ARGV owner ttl_ms. `SET NX PX` plus a fencing

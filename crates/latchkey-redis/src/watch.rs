@@ -32,6 +32,9 @@ struct State {
     con: Option<MultiplexedConnection>,
     rev_key: String,
     log_key: String,
+    epoch_key: String,
+    /// The epoch of the data this watch stands on.
+    epoch: String,
     prefix: String,
     /// Id after which to read.
     last_id: String,
@@ -63,16 +66,20 @@ async fn blocking_connection(client: &Client, timeout: Duration) -> Result<Multi
     }
 }
 
-/// `{current revision, highest trimmed revision}`.
+fn new_epoch() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// `{current revision, highest trimmed revision, epoch}`.
 async fn start_point(
     con: &mut MultiplexedConnection,
-    rev_key: &str,
-    log_key: &str,
+    keys: [&str; 3],
     timeout: Duration,
-) -> Result<(Revision, Revision)> {
+) -> Result<(Revision, Revision, String)> {
     let mut inv = scripts().watch_start.prepare_invoke();
-    inv.key(rev_key).key(log_key);
-    match tokio::time::timeout(timeout, inv.invoke_async::<(u64, u64)>(con)).await {
+    inv.key(&keys[..]).arg(new_epoch());
+    match tokio::time::timeout(timeout, inv.invoke_async::<(u64, u64, String)>(con)).await {
         Ok(r) => r.map_err(|e| map_err(&e)),
         Err(_) => Err(Error::unavailable(NAME, "watch start timed out")),
     }
@@ -86,8 +93,13 @@ pub(crate) async fn open(
     let client = shared.conn.client().clone();
     let timeout = shared.conn.timeout();
     let mut con = blocking_connection(&client, timeout).await?;
-    let (rev_key, log_key) = (shared.layout.rev(), shared.layout.log());
-    let (current, trimmed) = start_point(&mut con, &rev_key, &log_key, timeout).await?;
+    let (rev_key, log_key, epoch_key) = (
+        shared.layout.rev(),
+        shared.layout.log(),
+        shared.layout.epoch(),
+    );
+    let (current, trimmed, epoch) =
+        start_point(&mut con, [&rev_key, &log_key, &epoch_key], timeout).await?;
     let start = match from {
         None => current + 1,
         Some(r) => {
@@ -111,6 +123,8 @@ pub(crate) async fn open(
         con: Some(con),
         rev_key,
         log_key,
+        epoch_key,
+        epoch,
         prefix: prefix.to_string(),
         last_id,
         seen: current,
@@ -224,18 +238,22 @@ impl State {
     async fn reconnect(&mut self) -> Result<()> {
         let mut con = blocking_connection(&self.client, self.timeout).await?;
         self.con = None;
-        let (current, trimmed) =
-            start_point(&mut con, &self.rev_key, &self.log_key, self.timeout).await?;
+        let (current, trimmed, epoch) = start_point(&mut con, self.keys(), self.timeout).await?;
         self.con = Some(con);
-        self.verify(current, trimmed)
+        self.verify(current, trimmed, &epoch)
     }
 
     async fn check_history(&mut self) -> Result<()> {
         let Some(con) = self.con.as_mut() else {
             return Ok(());
         };
-        match start_point(con, &self.rev_key, &self.log_key, self.timeout).await {
-            Ok((current, trimmed)) => self.verify(current, trimmed),
+        let keys = [
+            self.rev_key.as_str(),
+            self.log_key.as_str(),
+            self.epoch_key.as_str(),
+        ];
+        match start_point(con, keys, self.timeout).await {
+            Ok((current, trimmed, epoch)) => self.verify(current, trimmed, &epoch),
             Err(_) => {
                 self.con = None;
                 Ok(())
@@ -243,9 +261,13 @@ impl State {
         }
     }
 
+    fn keys(&self) -> [&str; 3] {
+        [&self.rev_key, &self.log_key, &self.epoch_key]
+    }
+
     /// Fails if the server no longer has the history this watch stands on.
-    fn verify(&self, current: Revision, trimmed: Revision) -> Result<()> {
-        if current < self.seen {
+    fn verify(&self, current: Revision, trimmed: Revision, epoch: &str) -> Result<()> {
+        if epoch != self.epoch || current < self.seen {
             // The revision counter went back: the server lost its data
             // (restart without persistence, failover). Nothing after our
             // position can be trusted to come.

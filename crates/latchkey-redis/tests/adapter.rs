@@ -632,3 +632,158 @@ async fn bad_urls_are_invalid_url() {
         assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err:?}");
     }
 }
+
+// ---------------------------------------------------------------- watch
+
+#[tokio::test]
+async fn watch_history_is_bounded_and_compaction_is_reported() {
+    use futures::StreamExt;
+    let base = shared_url();
+    let ns = unique_namespace("compact");
+    // `MAXLEN ~ 5` trims whole stream nodes (100 entries each by default),
+    // so write a few hundred.
+    let h = RedisBackend::connect(&url(&base, &format!("namespace={ns}&history=5")))
+        .await
+        .unwrap();
+    let mut lagging = h.watch("k", None).await.unwrap();
+    let first = h
+        .put("k0", Bytes::from("0"), PutOptions::default())
+        .await
+        .unwrap();
+    for i in 1..400 {
+        h.put(&format!("k{i}"), Bytes::from("x"), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    // Resuming from a trimmed revision is Compacted, naming the oldest
+    // revision still there...
+    let oldest = match h.watch("", Some(first)).await {
+        Err(Error::Compacted { oldest }) => oldest,
+        Err(e) => panic!("expected Compacted, got {e:?}"),
+        Ok(_) => panic!("expected Compacted, got a stream"),
+    };
+    assert!(oldest > first && oldest <= first + 399, "{oldest}");
+    // ...from which a watch replays.
+    let mut w = h.watch("", Some(oldest)).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.revision, oldest);
+    // A watcher that fell behind the trimming learns it: its next item is
+    // Compacted, never a silent gap.
+    let item = tokio::time::timeout(Duration::from_secs(5), lagging.next())
+        .await
+        .unwrap()
+        .expect("an item");
+    assert!(matches!(item, Err(Error::Compacted { .. })), "{item:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_a_dropped_connection_and_reports_lost_history() {
+    use futures::StreamExt;
+    let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
+    let h = open(server.url(), "w").await;
+    let mut con = raw(server.url()).await;
+    let mut w = h.watch("", None).await.unwrap();
+    let r1 = h
+        .put("a", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.revision, r1);
+    // Kill the watch's connection (not the server): the watch reconnects
+    // and resumes where it was, missing nothing.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r2 = eventually(
+        Duration::from_secs(5),
+        "a put after CLIENT KILL",
+        || async {
+            h.put("b", Bytes::from("2"), PutOptions::default())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((ev.key.as_str(), ev.revision), ("b", r2));
+    // A restart without persistence loses the history the watch stands on:
+    // the watch ends with Compacted instead of waiting forever.
+    server.restart().expect("restart");
+    let item = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("the watch notices the lost history")
+        .expect("an item");
+    assert!(matches!(item, Err(Error::Compacted { .. })), "{item:?}");
+}
+
+#[tokio::test]
+async fn expired_keys_leave_the_index() {
+    let base = shared_url();
+    let ns = unique_namespace("expiry");
+    let h = open(&base, &ns).await;
+    let mut con = raw(&base).await;
+    h.put("keep", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        h.put(
+            &format!("gone{i}"),
+            Bytes::from("x"),
+            PutOptions::ttl(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    }
+    let idx = format!("latchkey:{{{ns}}}:idx");
+    eventually(Duration::from_secs(3), "the TTL keys to expire", || async {
+        h.get("gone9").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let keys: Vec<String> = h
+        .list("", Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, ["keep"]);
+    // The listing dropped the stale index entries.
+    let n: u64 = redis::cmd("ZCARD")
+        .arg(&idx)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // The hash of a TTL key carries a native expiry.
+    h.put(
+        "t",
+        Bytes::from("x"),
+        PutOptions::ttl(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(h.kv_key("t"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(pttl > 29_000 && pttl <= 30_000, "{pttl}");
+    assert_eq!(
+        h.get("t").await.unwrap().unwrap().lease_ttl,
+        Some(Duration::from_secs(30))
+    );
+}
