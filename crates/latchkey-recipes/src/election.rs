@@ -218,10 +218,12 @@ impl Election {
 }
 
 fn publish(guard: &LockGuard, key: &str, record: Bytes, ttl: Option<Duration>) -> TxnRequest {
-    TxnRequest::new().when([Compare::held(guard)]).then([match ttl {
-        Some(t) => Op::put_with_ttl(key, record, t),
-        None => Op::put(key, record),
-    }])
+    TxnRequest::new()
+        .when([Compare::held(guard)])
+        .then([match ttl {
+            Some(t) => Op::put_with_ttl(key, record, t),
+            None => Op::put(key, record),
+        }])
 }
 
 async fn delete_if_ours(backend: Arc<dyn Backend>, key: String, record: Bytes) {
@@ -354,7 +356,9 @@ pub struct Leadership {
 impl Leadership {
     fn guard(&self) -> &LockGuard {
         // Only `resign` (which consumes self) and Drop take the guard.
-        self.guard.as_ref().expect("a leadership always has its guard")
+        self.guard
+            .as_ref()
+            .expect("a leadership always has its guard")
     }
 
     /// The term: this leadership's fencing token, strictly greater than
@@ -399,7 +403,12 @@ impl Leadership {
         let mut cur = self.record.lock().await;
         let out = self
             .backend
-            .txn(publish(self.guard(), &self.key, record.clone(), self.key_ttl))
+            .txn(publish(
+                self.guard(),
+                &self.key,
+                record.clone(),
+                self.key_ttl,
+            ))
             .await?;
         if !out.succeeded {
             return Err(Error::LockLost {
@@ -413,7 +422,10 @@ impl Leadership {
     /// Steps down: removes the record (fenced) and releases the lock, so
     /// the next candidate in line takes over at once.
     pub async fn resign(mut self) -> Result<()> {
-        let guard = self.guard.take().expect("a leadership always has its guard");
+        let guard = self
+            .guard
+            .take()
+            .expect("a leadership always has its guard");
         let _rec = self.record.lock().await;
         if let Some(k) = self.keepalive.take() {
             k.abort();

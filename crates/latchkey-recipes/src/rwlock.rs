@@ -30,8 +30,8 @@ use crate::util::unique_id;
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
-    validate, with_wait, Backend, CancelOnDrop, Compare, Error, LockEntry,
-    LockGuard, LockOptions, Op, Result, TxnRequest, WatchStream,
+    validate, with_wait, Backend, CancelOnDrop, Compare, Error, LockEntry, LockGuard, LockOptions,
+    Op, Result, TxnRequest, WatchStream,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,7 +341,9 @@ impl ReadGuard {
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else { return };
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
         if guard.is_lost() {
             return;
         }
@@ -421,7 +423,9 @@ impl WriteGuard {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else { return };
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
         if guard.is_lost() {
             return;
         }
@@ -443,6 +447,8 @@ impl Drop for WriteGuard {
 
 impl std::fmt::Debug for WriteGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteGuard").field("key", &self.key).finish()
+        f.debug_struct("WriteGuard")
+            .field("key", &self.key)
+            .finish()
     }
 }

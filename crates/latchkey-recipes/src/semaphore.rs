@@ -104,10 +104,7 @@ impl Semaphore {
                 }
             }
         }
-        Err(Error::Conflict {
-            key,
-            current: None,
-        })
+        Err(Error::Conflict { key, current: None })
     }
 
     fn opts(&self) -> LockOptions {

@@ -1,0 +1,377 @@
+//! The recipes on the mem backend. The conformance suite's `recipes::*`
+//! cases prove them on every backend; these cover what needs a handle on
+//! the store (killing watches) or is quicker to show here.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use latchkey_core::{
+    Backend, Capabilities, DeleteOptions, DistributedLock, Error, KeyValue, KvStore, ListOptions,
+    LockGuard, LockOptions, Op, PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest,
+    WatchStream,
+};
+use latchkey_mem::MemStore;
+use latchkey_recipes::{Election, Mirror, RwLock, Semaphore};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn handle(store: &MemStore) -> Arc<dyn Backend> {
+    store.handle("t").unwrap()
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_hands_over_in_order_and_observe_follows() {
+    let store = MemStore::new();
+    let e1 = Election::new(handle(&store), "e").unwrap();
+    let e2 = Election::new(handle(&store), "e").unwrap();
+    let mut obs = e1.observe().await.unwrap();
+    assert_eq!(obs.next().await.unwrap().unwrap(), None);
+    let l1 = e1.campaign("one").await.unwrap();
+    let seen = obs.next().await.unwrap().unwrap().unwrap();
+    assert_eq!((seen.term, seen.value.as_ref()), (l1.term(), &b"one"[..]));
+    let waiting = tokio::spawn(async move { e2.campaign("two").await });
+    l1.proclaim("one-b").await.unwrap();
+    assert_eq!(
+        obs.next().await.unwrap().unwrap().unwrap().value,
+        Bytes::from("one-b")
+    );
+    let t1 = l1.term();
+    l1.resign().await.unwrap();
+    let l2 = tokio::time::timeout(T, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(l2.term() > t1);
+    // Either the vacancy then the new leader, or (coalesced) just the new one.
+    let mut next = obs.next().await.unwrap().unwrap();
+    if next.is_none() {
+        next = obs.next().await.unwrap().unwrap();
+    }
+    assert_eq!(next.unwrap().term, l2.term());
+    assert_eq!(
+        Election::new(handle(&store), "e")
+            .unwrap()
+            .leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        Bytes::from("two")
+    );
+    drop(l2);
+    // Dropping resigns in the background: the record disappears.
+    assert_eq!(obs.next().await.unwrap().unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_leader_is_replaced_and_fenced_out() {
+    let store = MemStore::new();
+    let (a, b) = (handle(&store), handle(&store));
+    let ttl = Duration::from_millis(300);
+    let old = Election::new(a.clone(), "e")
+        .unwrap()
+        .with_ttl(ttl)
+        .campaign("a")
+        .await
+        .unwrap();
+    old.lock_guard().abandon().await;
+    let new = tokio::time::timeout(
+        T,
+        Election::new(b.clone(), "e")
+            .unwrap()
+            .with_ttl(ttl)
+            .campaign("b"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(new.term() > old.term());
+    tokio::time::timeout(T, old.lost()).await.unwrap();
+    let stale = a
+        .txn(
+            TxnRequest::new()
+                .when([old.fence()])
+                .then([Op::put("x", "old")]),
+        )
+        .await
+        .unwrap();
+    assert!(!stale.succeeded);
+    assert!(old.proclaim("still me").await.is_err());
+    let fresh = b
+        .txn(
+            TxnRequest::new()
+                .when([new.fence()])
+                .then([Op::put("x", "new")]),
+        )
+        .await
+        .unwrap();
+    assert!(fresh.succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_bounds_holders_and_checks_the_count() {
+    let store = MemStore::new();
+    let sem = Semaphore::new(handle(&store));
+    let p1 = sem.acquire("s", 2).await.unwrap();
+    let p2 = sem.acquire("s", 2).await.unwrap();
+    assert_ne!(p1.slot(), p2.slot());
+    assert!(sem.try_acquire("s", 2).await.unwrap().is_none());
+    assert!(matches!(
+        sem.acquire("s", 3).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        sem.acquire("s", 0).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    // A cancelled waiter leaves nothing behind.
+    let other = Semaphore::new(handle(&store));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), other.acquire("s", 2))
+            .await
+            .is_err()
+    );
+    let waiter = tokio::spawn(async move { other.acquire("s", 2).await });
+    p1.release().await.unwrap();
+    let p3 = tokio::time::timeout(T, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(p3.slot(), p1.slot());
+    assert!(p3.fencing_token() > p1.fencing_token());
+    drop((p2, p3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_readers_share_writer_excludes_and_is_preferred() {
+    let store = MemStore::new();
+    let rw = |s: &MemStore| {
+        RwLock::new(handle(s), "rw")
+            .unwrap()
+            .with_ttl(Duration::from_secs(5))
+    };
+    let r1 = rw(&store).read().await.unwrap();
+    let r2 = rw(&store).read().await.unwrap();
+    let w = rw(&store);
+    let writing = Arc::new(AtomicBool::new(false));
+    let wf = writing.clone();
+    let writer = tokio::spawn(async move {
+        let g = w.write().await?;
+        wf.store(true, Ordering::SeqCst);
+        Ok::<_, Error>(g)
+    });
+    // The writer waits for both readers...
+    assert!(tokio::time::timeout(Duration::from_millis(200), async {
+        while !writing.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .is_err());
+    // ...and, once it claims the lock, new readers wait behind it.
+    let late = rw(&store);
+    let mut late_read = tokio::spawn(async move { late.read().await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut late_read)
+            .await
+            .is_err()
+    );
+    r1.release().await.unwrap();
+    drop(r2);
+    let g = tokio::time::timeout(T, writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!late_read.is_finished());
+    let h = handle(&store);
+    assert!(
+        h.txn(
+            TxnRequest::new()
+                .when([g.fence()])
+                .then([Op::put("data", "w")])
+        )
+        .await
+        .unwrap()
+        .succeeded
+    );
+    g.release().await.unwrap();
+    let r3 = tokio::time::timeout(T, late_read)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    r3.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_reader_does_not_block_a_writer_forever() {
+    let store = MemStore::new();
+    let ttl = Duration::from_millis(300);
+    let r = RwLock::new(handle(&store), "rw").unwrap().with_ttl(ttl);
+    let reader = r.read().await.unwrap();
+    reader.abandon().await;
+    let g = tokio::time::timeout(T, r.write()).await.unwrap().unwrap();
+    assert!(reader.is_lost());
+    g.release().await.unwrap();
+}
+
+/// A mem handle whose watch streams can be broken on demand.
+struct Flaky {
+    inner: Arc<dyn Backend>,
+    kill: tokio::sync::watch::Sender<u64>,
+    watches: AtomicUsize,
+}
+
+#[async_trait]
+impl KvStore for Flaky {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, value: Bytes, opts: PutOptions) -> Result<Revision> {
+        self.inner.put(key, value, opts).await
+    }
+    async fn delete(&self, key: &str, opts: DeleteOptions) -> Result<bool> {
+        self.inner.delete(key, opts).await
+    }
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<Vec<KeyValue>> {
+        self.inner.list(prefix, opts).await
+    }
+    async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<WatchStream> {
+        self.watches.fetch_add(1, Ordering::SeqCst);
+        let mut kill = self.kill.subscribe();
+        kill.borrow_and_update();
+        let inner = self.inner.watch(prefix, from).await?;
+        let killed = futures::stream::once(async move {
+            let _ = kill.changed().await;
+            Err(Error::Compacted { oldest: 1 })
+        });
+        Ok(futures::stream::select(inner, killed).boxed())
+    }
+}
+#[async_trait]
+impl Txn for Flaky {
+    async fn txn(&self, t: TxnRequest) -> Result<TxnOutcome> {
+        self.inner.txn(t).await
+    }
+}
+#[async_trait]
+impl DistributedLock for Flaky {
+    async fn lock(&self, n: &str, o: LockOptions) -> Result<LockGuard> {
+        self.inner.lock(n, o).await
+    }
+    async fn try_lock(&self, n: &str, o: LockOptions) -> Result<Option<LockGuard>> {
+        self.inner.try_lock(n, o).await
+    }
+}
+impl Backend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky-mem"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_follows_and_resyncs_atomically() {
+    let store = MemStore::new();
+    let writer = handle(&store);
+    writer
+        .put("cfg/a", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    writer
+        .put("other", Bytes::from("x"), PutOptions::default())
+        .await
+        .unwrap();
+    let flaky = Arc::new(Flaky {
+        inner: handle(&store),
+        kill: tokio::sync::watch::channel(0).0,
+        watches: AtomicUsize::new(0),
+    });
+    let m = Mirror::start(flaky.clone(), "cfg/").await.unwrap();
+    assert_eq!(m.get("cfg/a").unwrap().value, Bytes::from("1"));
+    assert!(m.get("other").is_none());
+    let r = writer
+        .put("cfg/b", Bytes::from("2"), PutOptions::default())
+        .await
+        .unwrap();
+    let s = tokio::time::timeout(T, m.wait_for(r))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.len(), 2);
+    // Break the watch; while it is broken, delete a key: the resync must
+    // pick the delete up and swap in a state without it.
+    flaky.kill.send_modify(|n| *n += 1);
+    writer
+        .delete("cfg/a", DeleteOptions::default())
+        .await
+        .unwrap();
+    let r = writer
+        .put("cfg/c", Bytes::from("3"), PutOptions::default())
+        .await
+        .unwrap();
+    let s = tokio::time::timeout(T, m.wait_for(r))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.get("cfg/a").is_none(), "{s:?}");
+    assert_eq!(s.len(), 2);
+    tokio::time::timeout(T, async {
+        while m.resyncs() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(m.snapshot().generation() >= 1);
+    assert!(flaky.watches.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_equals_store_after_concurrent_writes() {
+    let store = MemStore::new();
+    let m = Mirror::start(handle(&store), "k/").await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let h = handle(&store);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50u64 {
+                let key = format!("k/{}", (i * 7 + w) % 10);
+                if (i + w) % 3 == 0 {
+                    h.delete(&key, DeleteOptions::default()).await.unwrap();
+                } else {
+                    h.put(&key, Bytes::from(format!("{w}-{i}")), PutOptions::default())
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let h = handle(&store);
+    let r = h
+        .put("k/final", Bytes::from("f"), PutOptions::default())
+        .await
+        .unwrap();
+    let s = tokio::time::timeout(T, m.wait_for(r))
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = h.list("k/", ListOptions::default()).await.unwrap();
+    let mine: Vec<_> = s
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    let theirs: Vec<_> = listed.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    assert_eq!(mine, theirs);
+}
