@@ -30,6 +30,7 @@
 //! | [`prelude`] | the traits and types most code needs |
 //! | [`core`] | everything of `latchkey-core` |
 //! | [`mem`] | the embedded backend (always compiled in) |
+//! | [`recipes`] | leader election, semaphore, read-write lock, replicated map — on the traits, so on every backend |
 //!
 //! | URL | Cargo feature |
 //! |---|---|
@@ -50,6 +51,7 @@ pub use latchkey_core::{
     PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest, WatchEvent, WatchStream,
 };
 pub use latchkey_mem as mem;
+pub use latchkey_recipes as recipes;
 pub use registry::{
     connect, connect_requiring, connect_url, from_env, register, schemes, DEFAULT_URL, URL_ENV,
 };
