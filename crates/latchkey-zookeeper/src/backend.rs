@@ -8,11 +8,13 @@ use crate::lock::Locks;
 use async_trait::async_trait;
 use bytes::Bytes;
 use latchkey_core::{
-    validate, Backend, BackendUrl, Capabilities, Compare, DeleteOptions, Error, KeyValue, KvStore, ListOptions, Op,
-    OpResult, PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest, WatchStream,
+    validate, Backend, BackendUrl, Capabilities, Compare, DeleteOptions, Error, KeyValue, KvStore,
+    ListOptions, Op, OpResult, PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest,
+    WatchStream,
 };
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use zookeeper_client as zk;
@@ -48,6 +50,8 @@ pub(crate) struct Inner {
     client: std::sync::RwLock<zk::Client>,
     reconnect: tokio::sync::Mutex<()>,
     session_timeout: Duration,
+    /// Requests sent by this handle (all its sessions).
+    pub ops: Arc<AtomicU64>,
     pub cfg: ConnCfg,
     pub acls: zk::Acls<'static>,
     pub ns: String,
@@ -91,24 +95,40 @@ impl ZookeeperBackend {
             return Err(url.invalid("the scheme is not zookeeper://"));
         }
         url.require_hosts()?;
-        url.expect_params(&["session_timeout", "reads", "ttl_check_interval", "connect_timeout"])?;
+        url.expect_params(&[
+            "session_timeout",
+            "reads",
+            "ttl_check_interval",
+            "connect_timeout",
+        ])?;
         let ns = url.namespace().to_string();
         validate::namespace(&ns)?;
         let mode = match url.param("reads") {
             None | Some("sequential") => ReadMode::Sequential,
             Some("linearizable") => ReadMode::Linearizable,
             Some(other) => {
-                return Err(url.invalid(&format!("reads={other:?}: expected sequential or linearizable")));
+                return Err(url.invalid(&format!(
+                    "reads={other:?}: expected sequential or linearizable"
+                )));
             }
         };
-        let session_timeout = url.param_duration("session_timeout")?.unwrap_or(DEFAULT_SESSION_TIMEOUT);
-        let ttl_check_interval = url.param_duration("ttl_check_interval")?.unwrap_or(DEFAULT_TTL_CHECK_INTERVAL);
-        let connect_timeout = url.param_duration("connect_timeout")?.unwrap_or(Duration::from_secs(10));
+        let session_timeout = url
+            .param_duration("session_timeout")?
+            .unwrap_or(DEFAULT_SESSION_TIMEOUT);
+        let ttl_check_interval = url
+            .param_duration("ttl_check_interval")?
+            .unwrap_or(DEFAULT_TTL_CHECK_INTERVAL);
+        let connect_timeout = url
+            .param_duration("connect_timeout")?
+            .unwrap_or(Duration::from_secs(10));
         let chroot = match url.path() {
             "" | "/" => None,
             p => {
                 let p = p.trim_end_matches('/');
-                if p.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+                if p.split('/')
+                    .skip(1)
+                    .any(|s| s.is_empty() || s == "." || s == "..")
+                {
                     return Err(url.invalid("the chroot path has an empty, '.' or '..' segment"));
                 }
                 Some(p.to_string())
@@ -117,10 +137,16 @@ impl ZookeeperBackend {
         let auth = match (url.username(), url.password()) {
             (None, None) => None,
             (Some(u), Some(p)) => Some(format!("{u}:{p}").into_bytes()),
-            _ => return Err(url.invalid("digest auth needs both a user and a password (user:pass@)")),
+            _ => {
+                return Err(url.invalid("digest auth needs both a user and a password (user:pass@)"))
+            }
         };
         // Authenticated handles keep their nodes to their own identity.
-        let acls = if auth.is_some() { zk::Acls::creator_all() } else { zk::Acls::anyone_all() };
+        let acls = if auth.is_some() {
+            zk::Acls::creator_all()
+        } else {
+            zk::Acls::anyone_all()
+        };
         let cfg = ConnCfg {
             cluster: url.endpoints(2181).join(","),
             chroot,
@@ -136,9 +162,9 @@ impl ZookeeperBackend {
                 .map_err(|e| map(e, Kind::Write, &format!("creating chroot {c:?}")))?;
         }
         let client = match &cfg.chroot {
-            Some(c) => root
-                .chroot(c.as_str())
-                .map_err(|_| Error::InvalidArgument(format!("{c:?} is not a valid ZooKeeper chroot")))?,
+            Some(c) => root.chroot(c.as_str()).map_err(|_| {
+                Error::InvalidArgument(format!("{c:?} is not a valid ZooKeeper chroot"))
+            })?,
             None => root,
         };
         let base = if ns.is_empty() {
@@ -158,17 +184,24 @@ impl ZookeeperBackend {
         let probe = zk::CreateMode::Persistent
             .with_acls(acls)
             .with_ttl(Duration::from_secs(1));
-        let ttl_nodes = match client.create(&format!("{base}/ttl-probe"), &[], &probe).await {
+        let ttl_nodes = match client
+            .create(&format!("{base}/ttl-probe"), &[], &probe)
+            .await
+        {
             Ok(_) | Err(zk::Error::NodeExists) => true,
-            Err(e) if is_transport(&e) => return Err(map(e, Kind::Read, "probing TTL node support")),
+            Err(e) if is_transport(&e) => {
+                return Err(map(e, Kind::Read, "probing TTL node support"))
+            }
             Err(_) => false,
         };
-        let locks = Locks::new(cfg.clone(), lock_dir.clone(), acls, bounds);
+        let ops = Arc::new(AtomicU64::new(0));
+        let locks = Locks::new(cfg.clone(), lock_dir, acls, bounds, ops.clone());
         Ok(ZookeeperBackend {
             inner: Arc::new(Inner {
                 client: std::sync::RwLock::new(client),
                 reconnect: tokio::sync::Mutex::new(()),
                 session_timeout,
+                ops,
                 cfg,
                 acls,
                 ns,
@@ -209,8 +242,24 @@ impl ZookeeperBackend {
         self.current()
     }
 
+    /// Number of requests this handle has sent to ZooKeeper (KV, txn, lock
+    /// and renewal requests, on all its sessions; not the client library's
+    /// own pings). A waiting `lock()` sends none while it waits.
+    pub fn requests(&self) -> u64 {
+        self.inner.ops.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request.
+    pub(crate) fn count(&self) {
+        self.inner.ops.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn current(&self) -> zk::Client {
-        self.inner.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The main session's client. Once that session expired (a partition
@@ -234,7 +283,9 @@ impl ZookeeperBackend {
     }
 
     pub(crate) async fn read_key(&self, path: &str, what: &str) -> Result<KeyState> {
-        match self.zk().await?.get_data(path).await {
+        let client = self.zk().await?;
+        self.count();
+        match client.get_data(path).await {
             Ok((data, stat)) => Ok(Some(Node::from_read(data, &stat))),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(map(e, Kind::Read, what)),
@@ -248,14 +299,20 @@ impl ZookeeperBackend {
         for p in paths {
             r.add_get_data(p).map_err(|e| map(e, Kind::Read, what))?;
         }
+        self.count();
         let results = r.commit().await.map_err(|e| map(e, Kind::Read, what))?;
         results
             .into_iter()
             .map(|res| match res {
                 zk::MultiReadResult::Data { data, stat } => Ok(Some(Node::from_read(data, &stat))),
-                zk::MultiReadResult::Error { err: zk::Error::NoNode } => Ok(None),
+                zk::MultiReadResult::Error {
+                    err: zk::Error::NoNode,
+                } => Ok(None),
                 zk::MultiReadResult::Error { err } => Err(map(err, Kind::Read, what)),
-                _ => Err(Error::backend(NAME, format!("{what}: unexpected multi-read result"))),
+                _ => Err(Error::backend(
+                    NAME,
+                    format!("{what}: unexpected multi-read result"),
+                )),
             })
             .collect()
     }
@@ -265,6 +322,7 @@ impl ZookeeperBackend {
         let client = self.zk().await?;
         let mut plan = Plan::new(&client, self.inner.acls);
         plan.pin(path, st).map_err(|e| map(e, Kind::Read, what))?;
+        self.count();
         match plan.commit().await {
             Commit::Done(_) => Ok(true),
             Commit::Retry => Ok(false),
@@ -273,20 +331,29 @@ impl ZookeeperBackend {
     }
 
     fn contention(what: &str) -> Error {
-        Error::unavailable(NAME, format!("{what}: gave up after {MAX_RETRIES} retries under contention"))
+        Error::unavailable(
+            NAME,
+            format!("{what}: gave up after {MAX_RETRIES} retries under contention"),
+        )
     }
 
     /// All keys of the namespace starting with `prefix`, sorted, with their
     /// znode names.
     pub(crate) async fn matching_keys(&self, prefix: &str) -> Result<Vec<(String, String)>> {
-        let names = match self.zk().await?.list_children(&self.inner.kv_dir).await {
+        let client = self.zk().await?;
+        self.count();
+        let names = match client.list_children(&self.inner.kv_dir).await {
             Ok(n) => n,
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(map(e, Kind::Read, "listing keys")),
         };
         let mut keys: Vec<(String, String)> = names
             .into_iter()
-            .filter_map(|n| decode_key(&n).filter(|k| k.starts_with(prefix)).map(|k| (k, n)))
+            .filter_map(|n| {
+                decode_key(&n)
+                    .filter(|k| k.starts_with(prefix))
+                    .map(|k| (k, n))
+            })
             .collect();
         keys.sort_unstable();
         Ok(keys)
@@ -323,7 +390,8 @@ impl KvStore for ZookeeperBackend {
         for _ in 0..MAX_RETRIES {
             let st = self.read_key(&path, &what).await?;
             let cur = current(&st);
-            let fails = (opts.if_absent && cur.is_some()) || opts.if_revision.is_some_and(|r| cur.unwrap_or(0) != r);
+            let fails = (opts.if_absent && cur.is_some())
+                || opts.if_revision.is_some_and(|r| cur.unwrap_or(0) != r);
             if fails {
                 // A conflict is a read too: confirm it, so it is never
                 // decided on a stale view.
@@ -338,12 +406,12 @@ impl KvStore for ZookeeperBackend {
             let idx = plan
                 .put(&path, &mut sim, &value, ttl)
                 .map_err(|e| map(e, Kind::Write, &what))?;
+            self.count();
             match plan.commit().await {
                 Commit::Done(r) => {
-                    return r
-                        .get(idx)
-                        .and_then(result_revision)
-                        .ok_or_else(|| Error::backend(NAME, format!("{what}: no revision in the reply")));
+                    return r.get(idx).and_then(result_revision).ok_or_else(|| {
+                        Error::backend(NAME, format!("{what}: no revision in the reply"))
+                    });
                 }
                 Commit::Retry => continue,
                 Commit::Failed(zk::Error::Unimplemented) if ttl.is_some() => return Err(no_ttl()),
@@ -375,7 +443,9 @@ impl KvStore for ZookeeperBackend {
             let client = self.zk().await?;
             let mut plan = Plan::new(&client, self.inner.acls);
             let mut sim = Sim::new(&st);
-            plan.tombstone(&path, &mut sim).map_err(|e| map(e, Kind::Write, &what))?;
+            plan.tombstone(&path, &mut sim)
+                .map_err(|e| map(e, Kind::Write, &what))?;
+            self.count();
             match plan.commit().await {
                 Commit::Done(_) => return Ok(true),
                 Commit::Retry => continue,
@@ -482,8 +552,12 @@ impl Txn for ZookeeperBackend {
                 &states[i]
             };
             let succeeded = req.when.iter().all(|c| match c {
-                Compare::Revision { key, op, revision } => op.holds(current(key_state(key)).unwrap_or(0), *revision),
-                Compare::Value { key, value } => logical(key, key_state(key), false).is_some_and(|kv| kv.value == *value),
+                Compare::Revision { key, op, revision } => {
+                    op.holds(current(key_state(key)).unwrap_or(0), *revision)
+                }
+                Compare::Value { key, value } => {
+                    logical(key, key_state(key), false).is_some_and(|kv| kv.value == *value)
+                }
                 Compare::Exists(key) => current(key_state(key)).is_some(),
                 Compare::Absent(key) => current(key_state(key)).is_none(),
                 Compare::Held(e) => held_state(&e.id).is_some(),
@@ -544,7 +618,9 @@ impl Txn for ZookeeperBackend {
                     Op::Get { .. } => {
                         if sim.written {
                             match &sim.value {
-                                Some((v, t)) => pending.push(Pending::Get(k.to_string(), v.clone(), *t)),
+                                Some((v, t)) => {
+                                    pending.push(Pending::Get(k.to_string(), v.clone(), *t))
+                                }
                                 None => pending.push(Pending::Done(OpResult::Get(None))),
                             }
                         } else {
@@ -554,6 +630,7 @@ impl Txn for ZookeeperBackend {
                 }
             }
             let revision = if rev_op.is_some() || self.inner.mode == ReadMode::Linearizable {
+                self.count();
                 match plan.commit().await {
                     Commit::Done(r) => match rev_op {
                         Some(i) => r
@@ -565,7 +642,11 @@ impl Txn for ZookeeperBackend {
                     Commit::Retry => continue 'attempt,
                     Commit::Failed(zk::Error::Unimplemented) => return Err(no_ttl()),
                     Commit::Failed(e) => {
-                        let kind = if rev_op.is_some() { Kind::Write } else { Kind::Read };
+                        let kind = if rev_op.is_some() {
+                            Kind::Write
+                        } else {
+                            Kind::Read
+                        };
                         return Err(map(e, kind, what));
                     }
                 }

@@ -41,29 +41,46 @@ impl ConnCfg {
 
     /// Like [`ConnCfg::connect`]; `chrooted = false` gives a client at the
     /// server's root (used to create the chroot itself).
-    pub async fn connect_raw(&self, session_timeout: Duration, chrooted: bool) -> Result<zk::Client> {
+    pub async fn connect_raw(
+        &self,
+        session_timeout: Duration,
+        chrooted: bool,
+    ) -> Result<zk::Client> {
         let mut c = zk::Client::connector()
             .with_session_timeout(session_timeout)
             // The default idle timeout is 2/5 of the *requested* session
             // timeout, which is useless for tiny requests (probes).
-            .with_connection_timeout((session_timeout * 2 / 5).clamp(Duration::from_millis(200), Duration::from_secs(10)));
+            .with_connection_timeout(
+                (session_timeout * 2 / 5)
+                    .clamp(Duration::from_millis(200), Duration::from_secs(10)),
+            );
         if let Some(a) = &self.auth {
             c = c.with_auth("digest", a);
         }
-        let client = match tokio::time::timeout(self.connect_timeout, c.connect(&self.cluster)).await {
-            Err(_) => {
-                return Err(Error::unavailable(
-                    NAME,
-                    format!("no session with {} within {:?}", self.cluster, self.connect_timeout),
-                ))
-            }
-            Ok(Err(e)) => return Err(map(e, Kind::Read, &format!("connecting to {}", self.cluster))),
-            Ok(Ok(c)) => c,
-        };
+        let client =
+            match tokio::time::timeout(self.connect_timeout, c.connect(&self.cluster)).await {
+                Err(_) => {
+                    return Err(Error::unavailable(
+                        NAME,
+                        format!(
+                            "no session with {} within {:?}",
+                            self.cluster, self.connect_timeout
+                        ),
+                    ))
+                }
+                Ok(Err(e)) => {
+                    return Err(map(
+                        e,
+                        Kind::Read,
+                        &format!("connecting to {}", self.cluster),
+                    ))
+                }
+                Ok(Ok(c)) => c,
+            };
         match (&self.chroot, chrooted) {
-            (Some(root), true) => client
-                .chroot(root.as_str())
-                .map_err(|_| Error::InvalidArgument(format!("{root:?} is not a valid ZooKeeper chroot"))),
+            (Some(root), true) => client.chroot(root.as_str()).map_err(|_| {
+                Error::InvalidArgument(format!("{root:?} is not a valid ZooKeeper chroot"))
+            }),
             _ => Ok(client),
         }
     }
@@ -91,7 +108,8 @@ impl ConnCfg {
                 Err(_) => self.connect_raw(Duration::from_secs(1), false).await,
             }
         };
-        let (lo, hi) = tokio::try_join!(lo, self.connect_raw(Duration::from_secs(24 * 3600), false))?;
+        let (lo, hi) =
+            tokio::try_join!(lo, self.connect_raw(Duration::from_secs(24 * 3600), false))?;
         let bounds = (lo.session_timeout(), hi.session_timeout());
         drop((lo, hi));
         CACHE

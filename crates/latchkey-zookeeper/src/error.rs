@@ -18,14 +18,20 @@ pub(crate) enum Kind {
 /// not have reached the server. `zookeeper-client` reports some of these as
 /// `Custom` (see notes/crates.md), so those count too.
 pub(crate) fn is_transport(e: &zk::Error) -> bool {
-    matches!(e, zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::Custom(_))
+    matches!(
+        e,
+        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::Custom(_)
+    )
 }
 
 /// True once the session is gone for good.
 pub(crate) fn is_session_gone(e: &zk::Error) -> bool {
     matches!(
         e,
-        zk::Error::SessionExpired | zk::Error::SessionMoved | zk::Error::ClientClosed | zk::Error::AuthFailed
+        zk::Error::SessionExpired
+            | zk::Error::SessionMoved
+            | zk::Error::ClientClosed
+            | zk::Error::AuthFailed
     )
 }
 

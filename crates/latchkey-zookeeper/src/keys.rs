@@ -104,7 +104,10 @@ pub fn decode_key(name: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = name.get(i + 1..i + 3)?;
-            if !hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+            {
                 return None;
             }
             out.push(u8::from_str_radix(hex, 16).ok()?);
@@ -214,7 +217,13 @@ mod tests {
                 ttl: Some(Duration::from_millis(1500))
             }
         );
-        assert_eq!(decode_data(encode_live(b"", None)), NodeData::Live { value: Bytes::new(), ttl: None });
+        assert_eq!(
+            decode_data(encode_live(b"", None)),
+            NodeData::Live {
+                value: Bytes::new(),
+                ttl: None
+            }
+        );
         assert_eq!(decode_data(TOMBSTONE.to_vec()), NodeData::Tombstone);
     }
 }

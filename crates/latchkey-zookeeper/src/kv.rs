@@ -63,7 +63,9 @@ impl Node {
 
 /// The key's current revision, `None` when absent.
 pub(crate) fn current(st: &KeyState) -> Option<Revision> {
-    st.as_ref().filter(|n| n.alive()).map(|n| n.mzxid as Revision)
+    st.as_ref()
+        .filter(|n| n.alive())
+        .map(|n| n.mzxid as Revision)
 }
 
 /// The key as the API shows it.
@@ -74,7 +76,11 @@ pub(crate) fn logical(key: &str, st: &KeyState, keys_only: bool) -> Option<KeyVa
     };
     Some(KeyValue {
         key: key.to_string(),
-        value: if keys_only { Bytes::new() } else { value.clone() },
+        value: if keys_only {
+            Bytes::new()
+        } else {
+            value.clone()
+        },
         revision: n.mzxid as Revision,
         lease_ttl: *ttl,
     })
@@ -217,7 +223,13 @@ impl<'a> Plan<'a> {
     /// Writes `value` with `ttl`; returns the index of the op whose result
     /// carries the new revision (a `setData`: ZooKeeper before 3.8.2 returns
     /// no valid `Stat` for a `create` inside a `multi`, ZOOKEEPER-4026).
-    pub fn put(&mut self, path: &str, sim: &mut Sim, value: &Bytes, ttl: Option<Duration>) -> ZkResult<usize> {
+    pub fn put(
+        &mut self,
+        path: &str,
+        sim: &mut Sim,
+        value: &Bytes,
+        ttl: Option<Duration>,
+    ) -> ZkResult<usize> {
         let data = encode_live(value, ttl);
         let idx;
         if !sim.exists {
@@ -264,14 +276,14 @@ impl<'a> Plan<'a> {
     pub async fn commit(mut self) -> Commit {
         match self.w.commit().await {
             Ok(r) => Commit::Done(r),
-            Err(zk::MultiWriteError::OperationFailed { source, .. })
-                if matches!(
-                    source,
-                    zk::Error::BadVersion | zk::Error::NoNode | zk::Error::NodeExists | zk::Error::NotEmpty
-                ) =>
-            {
-                Commit::Retry
-            }
+            Err(zk::MultiWriteError::OperationFailed {
+                source:
+                    zk::Error::BadVersion
+                    | zk::Error::NoNode
+                    | zk::Error::NodeExists
+                    | zk::Error::NotEmpty,
+                ..
+            }) => Commit::Retry,
             Err(zk::MultiWriteError::OperationFailed { source, .. }) => Commit::Failed(source),
             Err(zk::MultiWriteError::RequestFailed { source }) => Commit::Failed(source),
         }

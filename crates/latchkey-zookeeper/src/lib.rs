@@ -61,7 +61,8 @@ pub use backend::{ReadMode, ZookeeperBackend, MAX_TXN_OPS};
 
 use async_trait::async_trait;
 use latchkey_core::{
-    validate, with_wait, Backend, BackendUrl, Error, DistributedLock, LockGuard, LockOptions, Result,
+    validate, with_wait, Backend, BackendUrl, DistributedLock, Error, LockGuard, LockOptions,
+    Result,
 };
 use std::sync::Arc;
 
@@ -80,10 +81,15 @@ impl DistributedLock for ZookeeperBackend {
         validate::ttl(opts.ttl)?;
         if opts.wait == Some(std::time::Duration::ZERO) {
             // "Try once": one attempt, however long its round trips take.
-            return self.inner.locks.try_lock(name, opts.ttl).await?.ok_or_else(|| Error::Timeout {
-                what: format!("waiting for lock {name:?} on zookeeper"),
-                after: std::time::Duration::ZERO,
-            });
+            return self
+                .inner
+                .locks
+                .try_lock(name, opts.ttl)
+                .await?
+                .ok_or_else(|| Error::Timeout {
+                    what: format!("waiting for lock {name:?} on zookeeper"),
+                    after: std::time::Duration::ZERO,
+                });
         }
         with_wait(
             opts.wait,

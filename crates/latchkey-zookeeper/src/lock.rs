@@ -43,6 +43,7 @@ use latchkey_core::{
     CancelOnDrop, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -56,11 +57,18 @@ const RENEW_BATCH: usize = 512;
 /// One session and the renewal loop of the locks it holds.
 pub(crate) struct LockSession {
     client: zk::Client,
+    ops: Arc<AtomicU64>,
     ttl: Duration,
     group: Arc<RenewalGroup>,
 }
 
 impl LockSession {
+    /// The client, counting one request.
+    fn req(&self) -> &zk::Client {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        &self.client
+    }
+
     fn usable(&self) -> bool {
         !self.group.is_dead() && !self.client.state().is_terminated()
     }
@@ -74,6 +82,7 @@ pub(crate) struct Locks {
     bounds: (Duration, Duration),
     sessions: tokio::sync::Mutex<HashMap<Duration, Arc<LockSession>>>,
     local: LocalQueues,
+    ops: Arc<AtomicU64>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -81,7 +90,13 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Locks {
-    pub fn new(cfg: ConnCfg, dir: String, acls: zk::Acls<'static>, bounds: (Duration, Duration)) -> Self {
+    pub fn new(
+        cfg: ConnCfg,
+        dir: String,
+        acls: zk::Acls<'static>,
+        bounds: (Duration, Duration),
+        ops: Arc<AtomicU64>,
+    ) -> Self {
         Locks {
             cfg,
             dir,
@@ -89,6 +104,7 @@ impl Locks {
             bounds,
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             local: LocalQueues::new(),
+            ops,
         }
     }
 
@@ -112,10 +128,14 @@ impl Locks {
         }
         let client = self.cfg.connect(ttl).await?;
         let granted = client.session_timeout();
-        let renewer = Arc::new(ZkRenewer { client: client.clone() });
+        let renewer = Arc::new(ZkRenewer {
+            client: client.clone(),
+            ops: self.ops.clone(),
+        });
         let group = Arc::new(RenewalGroup::spawn(granted, renewer));
         let s = Arc::new(LockSession {
             client,
+            ops: self.ops.clone(),
             ttl: granted,
             group,
         });
@@ -123,7 +143,15 @@ impl Locks {
         Ok(s)
     }
 
-    fn guard(&self, name: &str, path: String, czxid: i64, sess: Arc<LockSession>, sent: Instant, turn: LocalTurn) -> LockGuard {
+    fn guard(
+        &self,
+        name: &str,
+        path: String,
+        czxid: i64,
+        sess: Arc<LockSession>,
+        sent: Instant,
+        turn: LocalTurn,
+    ) -> LockGuard {
         let entry = LockEntry {
             name: name.to_string(),
             token: czxid as u64,
@@ -142,11 +170,15 @@ impl Locks {
         let prefix = format!("{dir}/{protected}");
         // Requests of one session are served in order, so a cleanup that
         // lists the dir after the create was sent sees the entry if it exists.
-        let cleanup = CancelOnDrop::new(delete_by_prefix(sess.client.clone(), dir.to_string(), protected.clone()));
+        let cleanup = CancelOnDrop::new(delete_by_prefix(
+            sess.client.clone(),
+            dir.to_string(),
+            protected.clone(),
+        ));
         let create = zk::CreateMode::EphemeralSequential.with_acls(self.acls);
         let mut attempt = 0u32;
         loop {
-            match sess.client.create(&prefix, &[], &create).await {
+            match sess.req().create(&prefix, &[], &create).await {
                 Ok((stat, seq)) => {
                     let path = format!("{prefix}{seq}");
                     return Ok(Entry {
@@ -159,7 +191,7 @@ impl Locks {
                 Err(zk::Error::NoNode) => {
                     // The lock dir: persistent, never a container, so it is
                     // not reaped while waiters use it.
-                    sess.client
+                    sess.req()
                         .mkdir(dir, &zk::CreateMode::Persistent.with_acls(self.acls))
                         .await
                         .map_err(|e| map(e, Kind::Write, what))?;
@@ -167,14 +199,14 @@ impl Locks {
                 Err(e) if is_transport(&e) && attempt < 10 => {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
-                    let children = match sess.client.list_children(dir).await {
+                    let children = match sess.req().list_children(dir).await {
                         Ok(c) => c,
                         Err(e) if is_transport(&e) => continue,
                         Err(e) => return Err(map(e, Kind::Read, what)),
                     };
                     if let Some(c) = children.into_iter().find(|c| c.starts_with(&protected)) {
                         let path = format!("{dir}/{c}");
-                        match sess.client.check_stat(&path).await {
+                        match sess.req().check_stat(&path).await {
                             Ok(Some(stat)) => {
                                 return Ok(Entry {
                                     name: c,
@@ -197,15 +229,23 @@ impl Locks {
     /// Where `entry` stands among the entries of `dir`: `Ok(None)` = it is
     /// first (holds the lock), `Ok(Some(pred))` = the entry just before it.
     /// Also returns when the listing was sent (the session was alive then).
-    async fn position(&self, sess: &LockSession, dir: &str, own_name: &str, what: &str) -> Result<(Position, Instant)> {
+    async fn position(
+        &self,
+        sess: &LockSession,
+        dir: &str,
+        own_name: &str,
+        what: &str,
+    ) -> Result<(Position, Instant)> {
         let mut attempt = 0u32;
         loop {
             let sent = Instant::now();
-            match sess.client.list_children(dir).await {
+            match sess.req().list_children(dir).await {
                 Ok(children) => {
                     let own = sequence_of(own_name);
-                    let mut seqs: Vec<(i64, String)> =
-                        children.into_iter().filter_map(|c| sequence_of(&c).map(|s| (s, c))).collect();
+                    let mut seqs: Vec<(i64, String)> = children
+                        .into_iter()
+                        .filter_map(|c| sequence_of(&c).map(|s| (s, c)))
+                        .collect();
                     seqs.sort_unstable();
                     return Ok((
                         match seqs.iter().position(|(_, c)| c == own_name) {
@@ -249,7 +289,12 @@ impl Locks {
             loop {
                 match self.position(&sess, &dir, &entry.name, &what).await? {
                     (Position::First, sent) => {
-                        let Entry { path, czxid, cleanup, .. } = entry;
+                        let Entry {
+                            path,
+                            czxid,
+                            cleanup,
+                            ..
+                        } = entry;
                         cleanup.disarm();
                         return Ok(self.guard(name, path, czxid, sess, sent, turn));
                     }
@@ -261,7 +306,7 @@ impl Locks {
                     (Position::After(pred), _) => {
                         // Watch only the predecessor: one waiter wakes per release.
                         let pred = format!("{dir}/{pred}");
-                        match sess.client.check_and_watch_stat(&pred).await {
+                        match sess.req().check_and_watch_stat(&pred).await {
                             Ok((None, _)) => {}
                             Ok((Some(_), watcher)) => {
                                 watcher.changed().await;
@@ -287,7 +332,12 @@ impl Locks {
         let entry = self.create_entry(&sess, &dir, &what).await?;
         match self.position(&sess, &dir, &entry.name, &what).await? {
             (Position::First, sent) => {
-                let Entry { path, czxid, cleanup, .. } = entry;
+                let Entry {
+                    path,
+                    czxid,
+                    cleanup,
+                    ..
+                } = entry;
                 cleanup.disarm();
                 Ok(Some(self.guard(name, path, czxid, sess, sent, turn)))
             }
@@ -337,7 +387,13 @@ async fn delete_entry_checked(client: &zk::Client, path: &str) -> Result<()> {
                 attempt += 1;
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            Err(e) => return Err(map(e, Kind::Write, &format!("releasing lock entry {path:?}"))),
+            Err(e) => {
+                return Err(map(
+                    e,
+                    Kind::Write,
+                    &format!("releasing lock entry {path:?}"),
+                ))
+            }
         }
     }
 }
@@ -362,6 +418,7 @@ async fn delete_by_prefix(client: zk::Client, dir: String, protected: String) {
 /// One renewal = one `multi` read of every member entry of the session.
 struct ZkRenewer {
     client: zk::Client,
+    ops: Arc<AtomicU64>,
 }
 
 #[async_trait]
@@ -374,10 +431,14 @@ impl Renewer for ZkRenewer {
                 r.add_get_data(&e.id)
                     .map_err(|e| map(e, Kind::Read, "renewing locks"))?;
             }
+            self.ops.fetch_add(1, Ordering::Relaxed);
             match r.commit().await {
                 Ok(results) => {
                     for (e, res) in chunk.iter().zip(results) {
-                        if let zk::MultiReadResult::Error { err: zk::Error::NoNode } = res {
+                        if let zk::MultiReadResult::Error {
+                            err: zk::Error::NoNode,
+                        } = res
+                        {
                             lost.push(e.id.clone());
                         }
                     }
@@ -401,6 +462,7 @@ struct ZkGuardOps {
 impl GuardOps for ZkGuardOps {
     async fn release(&self, entry: &LockEntry) -> Result<()> {
         self.sess.group.remove(&entry.id);
+        self.sess.ops.fetch_add(1, Ordering::Relaxed);
         delete_entry_checked(&self.sess.client, &entry.id).await
     }
 
@@ -419,4 +481,3 @@ impl GuardOps for ZkGuardOps {
         }
     }
 }
-

@@ -42,6 +42,7 @@ pub(crate) async fn start(b: ZookeeperBackend, prefix: String) -> Result<WatchSt
     let kv_dir = b.inner.kv_dir.clone();
     // Register first, then take the baseline: nothing falls in between.
     let client = b.zk().await?;
+    b.count();
     let watcher = client
         .watch(&kv_dir, zk::AddWatchMode::PersistentRecursive)
         .await
@@ -49,15 +50,24 @@ pub(crate) async fn start(b: ZookeeperBackend, prefix: String) -> Result<WatchSt
     let known = snapshot(&b, &prefix).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(run(b, prefix, watcher, known, tx));
-    Ok(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) }).boxed())
+    Ok(
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+            .boxed(),
+    )
 }
 
 /// Every matching key's state now.
-async fn snapshot(b: &ZookeeperBackend, prefix: &str) -> Result<BTreeMap<String, (Known, KeyState)>> {
+async fn snapshot(
+    b: &ZookeeperBackend,
+    prefix: &str,
+) -> Result<BTreeMap<String, (Known, KeyState)>> {
     let keys = b.matching_keys(prefix).await?;
     let mut out = BTreeMap::new();
     for chunk in keys.chunks(64) {
-        let paths: Vec<String> = chunk.iter().map(|(_, n)| format!("{}/{}", b.inner.kv_dir, n)).collect();
+        let paths: Vec<String> = chunk
+            .iter()
+            .map(|(_, n)| format!("{}/{}", b.inner.kv_dir, n))
+            .collect();
         let states = b.read_many(&paths, &format!("watch {prefix:?}")).await?;
         for ((k, _), st) in chunk.iter().zip(states) {
             let known = match logical(k, &st, true) {
@@ -114,7 +124,8 @@ async fn run(
     baseline: BTreeMap<String, (Known, KeyState)>,
     tx: Tx,
 ) {
-    let mut known: BTreeMap<String, Known> = baseline.into_iter().map(|(k, (kn, _))| (k, kn)).collect();
+    let mut known: BTreeMap<String, Known> =
+        baseline.into_iter().map(|(k, (kn, _))| (k, kn)).collect();
     let kv_dir = b.inner.kv_dir.clone();
     let mut resync = false;
     loop {
@@ -130,8 +141,11 @@ async fn run(
                         match snapshot(&b, &prefix).await {
                             Ok(now) => {
                                 // Keys that vanished entirely first, then every current state.
-                                let gone: Vec<String> =
-                                    known.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                                let gone: Vec<String> = known
+                                    .keys()
+                                    .filter(|k| !now.contains_key(*k))
+                                    .cloned()
+                                    .collect();
                                 for k in gone {
                                     if !offer(&tx, &mut known, &k, &None) {
                                         return;
@@ -160,8 +174,12 @@ async fn run(
                 }
             },
             _ => {
-                let Some(name) = key_of(&kv_dir, &ev.path) else { continue };
-                let Some(key) = decode_key(name) else { continue };
+                let Some(name) = key_of(&kv_dir, &ev.path) else {
+                    continue;
+                };
+                let Some(key) = decode_key(name) else {
+                    continue;
+                };
                 if !key.starts_with(&prefix) {
                     continue;
                 }

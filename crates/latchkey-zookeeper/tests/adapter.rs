@@ -5,8 +5,8 @@
 mod support;
 
 use latchkey_core::{
-    Backend, BackendUrl, Bytes, Compare, DeleteOptions, DistributedLock, Error, KvStore, ListOptions, LockOptions,
-    Op, PutOptions, Txn, TxnRequest,
+    Backend, BackendUrl, Bytes, Compare, DeleteOptions, DistributedLock, Error, KvStore,
+    ListOptions, LockOptions, Op, PutOptions, Txn, TxnRequest,
 };
 use latchkey_testkit::{spawn_zookeeper, unique_namespace, ZookeeperOptions};
 use latchkey_zookeeper::keys::{decode_key, encode_key};
@@ -37,8 +37,11 @@ fn valid_key() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z/.%]{1,40}",
         "[ -~]{1,60}",
-        proptest::collection::vec(any::<char>().prop_filter("no control chars", |c| !c.is_control()), 1..60)
-            .prop_map(|v| v.into_iter().collect::<String>()),
+        proptest::collection::vec(
+            any::<char>().prop_filter("no control chars", |c| !c.is_control()),
+            1..60
+        )
+        .prop_map(|v| v.into_iter().collect::<String>()),
     ]
     .prop_filter("at most 512 bytes", |k| k.len() <= 512)
 }
@@ -65,21 +68,61 @@ proptest! {
 /// `list` with non-segment-aligned prefixes returns them in key order.
 #[tokio::test(flavor = "multi_thread")]
 async fn odd_keys_through_the_server() {
-    let h = open(&standalone_url(), &unique_namespace("zk-keys"), "").await.unwrap();
-    let keys = ["/", "//", "/a/", "a/..", ".", "..", "a b", "100%", "%2F", "🔒/x", "\u{e000}", "\u{fffd}", "zookeeper"];
+    let h = open(&standalone_url(), &unique_namespace("zk-keys"), "")
+        .await
+        .unwrap();
+    let keys = [
+        "/",
+        "//",
+        "/a/",
+        "a/..",
+        ".",
+        "..",
+        "a b",
+        "100%",
+        "%2F",
+        "🔒/x",
+        "\u{e000}",
+        "\u{fffd}",
+        "zookeeper",
+    ];
     for k in keys {
-        h.put(k, Bytes::from(k.to_string()), PutOptions::default()).await.unwrap();
+        h.put(k, Bytes::from(k.to_string()), PutOptions::default())
+            .await
+            .unwrap();
     }
     for k in keys {
-        assert_eq!(h.get(k).await.unwrap().unwrap().value, Bytes::from(k.to_string()), "{k:?}");
+        assert_eq!(
+            h.get(k).await.unwrap().unwrap().value,
+            Bytes::from(k.to_string()),
+            "{k:?}"
+        );
     }
     let mut want: Vec<&str> = keys.to_vec();
     want.sort_unstable();
-    let all: Vec<String> = h.list("", ListOptions::default()).await.unwrap().into_iter().map(|kv| kv.key).collect();
+    let all: Vec<String> = h
+        .list("", ListOptions::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     assert_eq!(all, want);
-    let slash: Vec<String> = h.list("/", ListOptions::default()).await.unwrap().into_iter().map(|kv| kv.key).collect();
+    let slash: Vec<String> = h
+        .list("/", ListOptions::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     assert_eq!(slash, vec!["/", "//", "/a/"]);
-    let dot: Vec<String> = h.list(".", ListOptions::default()).await.unwrap().into_iter().map(|kv| kv.key).collect();
+    let dot: Vec<String> = h
+        .list(".", ListOptions::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     assert_eq!(dot, vec![".", ".."]);
 }
 
@@ -89,22 +132,36 @@ async fn odd_keys_through_the_server() {
 #[tokio::test(flavor = "multi_thread")]
 async fn interop_with_curator_layout_lock() {
     let url = standalone_url();
-    let h = open(&url, &unique_namespace("zk-curator"), "").await.unwrap();
-    let path = h.lock_path("x");
-    assert!(path.ends_with("/locks/x"), "{path}");
-    let raw = zk::Client::connect(url.trim_start_matches("zookeeper://").split('?').next().unwrap())
+    let h = open(&url, &unique_namespace("zk-curator"), "")
         .await
         .unwrap();
+    let path = h.lock_path("x");
+    assert!(path.ends_with("/locks/x"), "{path}");
+    let raw = zk::Client::connect(
+        url.trim_start_matches("zookeeper://")
+            .split('?')
+            .next()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     let acquire = |raw: zk::Client, path: String| async move {
         let opts = zk::LockOptions::new(zk::Acls::anyone_all());
         let lc = raw
-            .lock(zk::LockPrefix::new_curator(&path, "lock-").unwrap(), b"", opts)
+            .lock(
+                zk::LockPrefix::new_curator(&path, "lock-").unwrap(),
+                b"",
+                opts,
+            )
             .await
             .unwrap();
         lc.into_owned()
     };
     // latchkey holds: the Curator-side lock waits.
-    let g = h.lock("x", LockOptions::ttl(Duration::from_secs(4))).await.unwrap();
+    let g = h
+        .lock("x", LockOptions::ttl(Duration::from_secs(4)))
+        .await
+        .unwrap();
     let curator = tokio::spawn(acquire(raw.clone(), path.clone()));
     assert!(
         timeout(Duration::from_millis(500), async {
@@ -117,15 +174,26 @@ async fn interop_with_curator_layout_lock() {
         "the Curator-layout lock must wait while latchkey holds"
     );
     g.release().await.unwrap();
-    let curator_guard = timeout(Duration::from_secs(5), curator).await.expect("curator gets it").unwrap();
+    let curator_guard = timeout(Duration::from_secs(5), curator)
+        .await
+        .expect("curator gets it")
+        .unwrap();
     // The Curator side holds: latchkey's try_lock fails, lock waits.
-    assert!(h.try_lock("x", LockOptions::ttl(Duration::from_secs(4))).await.unwrap().is_none());
+    assert!(h
+        .try_lock("x", LockOptions::ttl(Duration::from_secs(4)))
+        .await
+        .unwrap()
+        .is_none());
     let waiting = {
         let h = h.clone();
         tokio::spawn(async move { h.lock("x", LockOptions::ttl(Duration::from_secs(4))).await })
     };
     drop(curator_guard); // deletes its entry
-    let g = timeout(Duration::from_secs(5), waiting).await.expect("latchkey gets it").unwrap().unwrap();
+    let g = timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("latchkey gets it")
+        .unwrap()
+        .unwrap();
     g.release().await.unwrap();
 }
 
@@ -134,44 +202,81 @@ async fn interop_with_curator_layout_lock() {
 #[tokio::test(flavor = "multi_thread")]
 async fn digest_auth_and_chroot() {
     let url = standalone_url();
-    let hostport = url.trim_start_matches("zookeeper://").split('?').next().unwrap().to_string();
+    let hostport = url
+        .trim_start_matches("zookeeper://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
     let ns = unique_namespace("zk-auth");
     let secret_url = format!("zookeeper://alice:s3cret@{hostport}/apps/one?namespace={ns}");
-    let alice = ZookeeperBackend::connect(&BackendUrl::parse(&secret_url).unwrap()).await.unwrap();
+    let alice = ZookeeperBackend::connect(&BackendUrl::parse(&secret_url).unwrap())
+        .await
+        .unwrap();
     assert!(!format!("{alice:?}").contains("s3cret"));
-    alice.put("k", Bytes::from("v"), PutOptions::default()).await.unwrap();
+    alice
+        .put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
     // The data lives below the chroot.
     let raw = zk::Client::connect(&hostport).await.unwrap();
     let znode = format!("/apps/one{}", alice.key_path("k"));
-    assert_eq!(raw.get_data(&znode).await, Err(zk::Error::NoAuth), "unauthenticated read is refused");
+    assert_eq!(
+        raw.get_data(&znode).await,
+        Err(zk::Error::NoAuth),
+        "unauthenticated read is refused"
+    );
     let mallory = format!("zookeeper://mallory:guess@{hostport}/apps/one?namespace={ns}");
     match ZookeeperBackend::connect(&BackendUrl::parse(&mallory).unwrap()).await {
         Err(Error::Auth { .. }) => {}
         Ok(m) => assert!(matches!(m.get("k").await, Err(Error::Auth { .. }))),
         Err(e) => panic!("expected an Auth error, got {e}"),
     }
-    let again = ZookeeperBackend::connect(&BackendUrl::parse(&secret_url).unwrap()).await.unwrap();
-    assert_eq!(again.get("k").await.unwrap().unwrap().value, Bytes::from("v"));
+    let again = ZookeeperBackend::connect(&BackendUrl::parse(&secret_url).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        again.get("k").await.unwrap().unwrap().value,
+        Bytes::from("v")
+    );
 }
 
 /// The default read mode is plain ZooKeeper reads, declared as not
 /// linearizable; everything else works the same.
 #[tokio::test(flavor = "multi_thread")]
 async fn sequential_mode_is_default_and_declared() {
-    let h = open(&standalone_url(), &unique_namespace("zk-seq"), "").await.unwrap();
+    let h = open(&standalone_url(), &unique_namespace("zk-seq"), "")
+        .await
+        .unwrap();
     assert_eq!(h.read_mode(), ReadMode::Sequential);
     assert!(!h.capabilities().linearizable_reads);
-    let lin = open(&standalone_url(), &unique_namespace("zk-lin"), "reads=linearizable").await.unwrap();
+    let lin = open(
+        &standalone_url(),
+        &unique_namespace("zk-lin"),
+        "reads=linearizable",
+    )
+    .await
+    .unwrap();
     assert!(lin.capabilities().linearizable_reads);
-    let r1 = h.put("a", Bytes::from("1"), PutOptions::default()).await.unwrap();
+    let r1 = h
+        .put("a", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
     assert!(matches!(
         h.put("a", Bytes::from("2"), PutOptions::if_revision(r1 + 1)).await,
         Err(Error::Conflict { current: Some(r), .. }) if r == r1
     ));
-    let r2 = h.put("a", Bytes::from("2"), PutOptions::if_revision(r1)).await.unwrap();
+    let r2 = h
+        .put("a", Bytes::from("2"), PutOptions::if_revision(r1))
+        .await
+        .unwrap();
     assert!(r2 > r1);
     let out = h
-        .txn(TxnRequest::new().when([Compare::value("a", "2")]).then([Op::delete("a"), Op::get("a")]))
+        .txn(
+            TxnRequest::new()
+                .when([Compare::value("a", "2")])
+                .then([Op::delete("a"), Op::get("a")]),
+        )
         .await
         .unwrap();
     assert!(out.succeeded && out.revision > r2);
@@ -188,18 +293,32 @@ async fn sequential_mode_is_default_and_declared() {
 /// capability is declared absent and TTL writes are `Unsupported`.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_ttl_nodes_declared_and_refused() {
-    let server = spawn_zookeeper(ZookeeperOptions { extended_types: false, ..ZookeeperOptions::fast() }).unwrap();
-    let h = open(server.url(), &unique_namespace("zk-nottl"), "").await.unwrap();
+    let server = spawn_zookeeper(ZookeeperOptions {
+        extended_types: false,
+        ..ZookeeperOptions::fast()
+    })
+    .unwrap();
+    let h = open(server.url(), &unique_namespace("zk-nottl"), "")
+        .await
+        .unwrap();
     assert!(!h.capabilities().native_ttl);
     assert!(matches!(
-        h.put("k", Bytes::from("v"), PutOptions::ttl(Duration::from_secs(5))).await,
+        h.put(
+            "k",
+            Bytes::from("v"),
+            PutOptions::ttl(Duration::from_secs(5))
+        )
+        .await,
         Err(Error::Unsupported { .. })
     ));
     assert!(matches!(
-        h.txn(TxnRequest::new().then([Op::put_with_ttl("k", "v", Duration::from_secs(5))])).await,
+        h.txn(TxnRequest::new().then([Op::put_with_ttl("k", "v", Duration::from_secs(5))]))
+            .await,
         Err(Error::Unsupported { .. })
     ));
-    h.put("k", Bytes::from("v"), PutOptions::default()).await.unwrap();
+    h.put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
 }
 
 /// Bad URLs are typed errors naming the problem, never panics.

@@ -6,5 +6,5 @@ mod support;
 
 fn main() -> std::process::ExitCode {
     let url = support::ensemble_url();
-    latchkey_conformance::run("zookeeper-ensemble", move |ns: String| support::open_dyn(url.clone(), ns))
+    latchkey_conformance::run("zookeeper-ensemble", support::harness(url))
 }

@@ -6,7 +6,9 @@
 mod support;
 
 use latchkey_conformance::checkers::{check_exclusion, Holding};
-use latchkey_core::{Bytes, CmpOp, Compare, Error, KvStore, LockOptions, Op, PutOptions, Txn, TxnRequest};
+use latchkey_core::{
+    Bytes, CmpOp, Compare, Error, KvStore, LockOptions, Op, PutOptions, Txn, TxnRequest,
+};
 use latchkey_core::{DistributedLock, LockGuard};
 use latchkey_testkit::{spawn_zookeeper, spawn_zookeeper_ensemble, unique_namespace, FaultProxy};
 use latchkey_zookeeper::ZookeeperBackend;
@@ -26,7 +28,10 @@ where
     loop {
         match f().await {
             Ok(v) => return v,
-            Err(e) if (e.is_transient() || matches!(e, Error::Indeterminate { .. })) && Instant::now() < deadline => {
+            Err(e)
+                if (e.is_transient() || matches!(e, Error::Indeterminate { .. }))
+                    && Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("{what}: {e}"),
@@ -35,7 +40,9 @@ where
 }
 
 async fn read_counter(h: &ZookeeperBackend) -> (u64, u64) {
-    let kv = retry("read counter", || h.get("n")).await.expect("counter exists");
+    let kv = retry("read counter", || h.get("n"))
+        .await
+        .expect("counter exists");
     let n = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
     (n, kv.revision)
 }
@@ -89,7 +96,10 @@ async fn leader_kill_during_lock_workload() {
         }
         v
     };
-    handles[0].put("n", Bytes::from("0"), PutOptions::default()).await.unwrap();
+    handles[0]
+        .put("n", Bytes::from("0"), PutOptions::default())
+        .await
+        .unwrap();
     const ITER: usize = 12;
     let history = Arc::new(Mutex::new(Vec::<Holding>::new()));
     let committed = Arc::new(AtomicUsize::new(0));
@@ -99,7 +109,10 @@ async fn leader_kill_during_lock_workload() {
         let (history, committed, progress) = (history.clone(), committed.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..ITER {
-                let g = retry("lock", || h.lock("w", LockOptions::ttl(Duration::from_secs(4)))).await;
+                let g = retry("lock", || {
+                    h.lock("w", LockOptions::ttl(Duration::from_secs(4)))
+                })
+                .await;
                 let acquired = micros();
                 if fenced_increment(&h, &g).await {
                     committed.fetch_add(1, Ordering::SeqCst);
@@ -154,52 +167,94 @@ async fn expired_holder_session() {
     let holder = open(&via, &ns, "session_timeout=4s").await.expect("holder");
     let other = open(server.url(), &ns, "").await.expect("other");
     let ttl = Duration::from_secs(1);
-    let g = holder.lock("job", LockOptions::ttl(ttl)).await.expect("lock");
+    let g = holder
+        .lock("job", LockOptions::ttl(ttl))
+        .await
+        .expect("lock");
     let t1 = g.fencing_token();
     let first = holder
-        .txn(TxnRequest::new().when([Compare::held(&g)]).then([Op::put("out", "holder")]))
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g)])
+                .then([Op::put("out", "holder")]),
+        )
         .await
         .unwrap();
     assert!(first.succeeded, "a fenced write while held commits");
     let waiter = {
         let other = other.clone();
-        tokio::spawn(async move { other.lock("job", LockOptions::ttl(Duration::from_secs(4))).await })
+        tokio::spawn(async move {
+            other
+                .lock("job", LockOptions::ttl(Duration::from_secs(4)))
+                .await
+        })
     };
     proxy.black_hole();
     let cut = Instant::now();
-    timeout(ttl * 3, g.lost()).await.expect("lost() fires once the session timeout passed");
-    assert!(cut.elapsed() <= ttl + Duration::from_millis(500), "lost() after {:?}", cut.elapsed());
+    timeout(ttl * 3, g.lost())
+        .await
+        .expect("lost() fires once the session timeout passed");
+    assert!(
+        cut.elapsed() <= ttl + Duration::from_millis(500),
+        "lost() after {:?}",
+        cut.elapsed()
+    );
     let g2 = timeout(Duration::from_secs(10), waiter)
         .await
         .expect("the waiter gets the lock after the server expired the holder")
         .unwrap()
         .expect("lock");
-    assert!(g.is_lost(), "the old holder knew before the successor got the lock");
+    assert!(
+        g.is_lost(),
+        "the old holder knew before the successor got the lock"
+    );
     assert!(g2.fencing_token() > t1);
     proxy.pass();
     let stale = retry("stale fenced write", || {
-        holder.txn(TxnRequest::new().when([Compare::held(&g)]).then([Op::put("out", "stale")]))
+        holder.txn(
+            TxnRequest::new()
+                .when([Compare::held(&g)])
+                .then([Op::put("out", "stale")]),
+        )
     })
     .await;
-    assert!(!stale.succeeded, "the expired holder's fenced write must fail");
+    assert!(
+        !stale.succeeded,
+        "the expired holder's fenced write must fail"
+    );
     let fresh = other
-        .txn(TxnRequest::new().when([Compare::held(&g2)]).then([Op::put("out", "successor")]))
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g2)])
+                .then([Op::put("out", "successor")]),
+        )
         .await
         .unwrap();
     assert!(fresh.succeeded);
     g.release().await.expect("releasing a lost guard is Ok");
     let still = other
-        .txn(TxnRequest::new().when([Compare::held(&g2)]).then([Op::get("out")]))
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g2)])
+                .then([Op::get("out")]),
+        )
         .await
         .unwrap();
     assert!(still.succeeded, "the stale release spared the successor");
-    assert_eq!(other.get("out").await.unwrap().unwrap().value, Bytes::from("successor"));
+    assert_eq!(
+        other.get("out").await.unwrap().unwrap().value,
+        Bytes::from("successor")
+    );
     g2.release().await.unwrap();
 }
 
 /// Lists the entries of lock `name` as the server has them.
 async fn entries(observer: &ZookeeperBackend, name: &str) -> Vec<String> {
-    match observer.client().list_children(&observer.lock_path(name)).await {
+    match observer
+        .client()
+        .list_children(&observer.lock_path(name))
+        .await
+    {
         Ok(c) => c,
         Err(zookeeper_client::Error::NoNode) => Vec::new(),
         Err(e) => panic!("list entries: {e}"),
@@ -231,7 +286,13 @@ async fn create_then_disconnect_leaves_no_orphan() {
     let observer = open(server.url(), &ns, "").await.expect("observer");
     let opts = LockOptions::ttl(Duration::from_secs(4));
     // Open the 4 s lock session now, so the cut hits only the create.
-    h.try_lock("warmup", opts.clone()).await.unwrap().unwrap().release().await.unwrap();
+    h.try_lock("warmup", opts.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     for (round, blocking) in [(0, false), (1, true)] {
         let name = format!("c{round}");
         proxy.latency(Duration::from_millis(400), Duration::ZERO);
@@ -250,12 +311,18 @@ async fn create_then_disconnect_leaves_no_orphan() {
         // The reply is still on its way back: cut it off.
         proxy.reset_connections();
         proxy.pass();
-        let outcome = timeout(Duration::from_secs(20), pending).await.expect("returns").unwrap();
+        let outcome = timeout(Duration::from_secs(20), pending)
+            .await
+            .expect("returns")
+            .unwrap();
         match outcome {
             Ok(Some(g)) => {
                 let e = entries(&observer, &name).await;
                 assert_eq!(e.len(), 1, "exactly one entry while held, no orphan: {e:?}");
-                assert!(g.entry().id.ends_with(&e[0]), "the guard owns the entry it created");
+                assert!(
+                    g.entry().id.ends_with(&e[0]),
+                    "the guard owns the entry it created"
+                );
                 g.release().await.unwrap();
                 let left = wait_entries(&observer, &name, 0).await;
                 assert!(left.is_empty(), "released: nothing left ({left:?})");
@@ -268,7 +335,11 @@ async fn create_then_disconnect_leaves_no_orphan() {
             }
         }
         // The lock is usable by others at once.
-        let g = observer.try_lock(&name, opts.clone()).await.unwrap().expect("free");
+        let g = observer
+            .try_lock(&name, opts.clone())
+            .await
+            .unwrap()
+            .expect("free");
         g.release().await.unwrap();
     }
 }

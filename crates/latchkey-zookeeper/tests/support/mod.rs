@@ -1,7 +1,8 @@
 //! Servers for this crate's tests: the testkit's, or `LATCHKEY_TEST_*_URL`.
 #![allow(dead_code)]
 
-use latchkey_core::{Backend, BackendUrl, Result};
+use latchkey_conformance::harness::Instrumented;
+use latchkey_core::{BackendUrl, Result};
 use latchkey_testkit::{Cluster, Server, ZookeeperOptions};
 use latchkey_zookeeper::ZookeeperBackend;
 use std::sync::{Arc, OnceLock};
@@ -27,7 +28,8 @@ pub fn standalone_url() -> String {
     if let Some(u) = env("LATCHKEY_TEST_ZOOKEEPER_URL") {
         return u;
     }
-    let s = S.get_or_init(|| latchkey_testkit::spawn_zookeeper(options()).expect("spawn zookeeper"));
+    let s =
+        S.get_or_init(|| latchkey_testkit::spawn_zookeeper(options()).expect("spawn zookeeper"));
     with_param(s.url(), &format!("ttl_check_interval={TTL_CHECK_MS}ms"))
 }
 
@@ -37,7 +39,9 @@ pub fn ensemble_url() -> String {
     if let Some(u) = env("LATCHKEY_TEST_ZOOKEEPER_ENSEMBLE_URL") {
         return u;
     }
-    let c = C.get_or_init(|| latchkey_testkit::spawn_zookeeper_ensemble(3, options()).expect("spawn ensemble"));
+    let c = C.get_or_init(|| {
+        latchkey_testkit::spawn_zookeeper_ensemble(3, options()).expect("spawn ensemble")
+    });
     with_param(c.url(), &format!("ttl_check_interval={TTL_CHECK_MS}ms"))
 }
 
@@ -56,7 +60,12 @@ pub async fn open(url: &str, ns: &str, extra: &str) -> Result<ZookeeperBackend> 
     ZookeeperBackend::connect(&BackendUrl::parse(&u)?).await
 }
 
-/// The conformance harness body: a new linearizable-mode handle.
-pub async fn open_dyn(url: String, ns: String) -> Result<Arc<dyn Backend>> {
-    Ok(Arc::new(open(&url, &ns, "reads=linearizable").await?))
+/// The conformance harness: each call opens a new linearizable-mode handle,
+/// whose requests the suite can count.
+pub fn harness(url: String) -> Instrumented<ZookeeperBackend> {
+    Instrumented::new(move |ns: String| {
+        let url = url.clone();
+        async move { Ok(Arc::new(open(&url, &ns, "reads=linearizable").await?)) }
+    })
+    .with_op_count(ZookeeperBackend::requests)
 }
