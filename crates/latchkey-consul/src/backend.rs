@@ -131,11 +131,18 @@ impl Inner {
 
     /// A new never-renewed session that deletes what it holds after `ttl`.
     async fn ttl_session(&self, ttl: Duration) -> Result<String> {
-        self.client.session_create(ttl, "delete", "latchkey-ttl").await
+        self.client
+            .session_create(ttl, "delete", "latchkey-ttl")
+            .await
     }
 
     async fn current(&self, ckey: &str) -> Result<Option<Revision>> {
-        Ok(self.client.kv_get(ckey, true).await?.0.map(|e| e.modify_index))
+        Ok(self
+            .client
+            .kv_get(ckey, true)
+            .await?
+            .0
+            .map(|e| e.modify_index))
     }
 
     /// Reads keys in one (or, past 128, several) read-only consistent txns.
@@ -160,7 +167,11 @@ impl Inner {
                     TxnReply::Committed(entries) => {
                         let mut it = entries.into_iter();
                         for op in &ops {
-                            let e = if op.verb == Verb::Get { it.next() } else { None };
+                            let e = if op.verb == Verb::Get {
+                                it.next()
+                            } else {
+                                None
+                            };
                             out.insert(op.key.clone(), e);
                         }
                         done = true;
@@ -181,7 +192,10 @@ impl Inner {
                 }
             }
             if !done {
-                return Err(Error::unavailable(NAME, "keys kept changing while a txn read them"));
+                return Err(Error::unavailable(
+                    NAME,
+                    "keys kept changing while a txn read them",
+                ));
             }
         }
         Ok(out)
@@ -214,7 +228,12 @@ impl Inner {
                 None => KvOp::new(Verb::Set, ck.clone()).value(value.clone()),
             });
             let what = format!("writing key {key:?}");
-            match self.client.txn(&ops, &what).await.map_err(|e| too_large(e, key))? {
+            match self
+                .client
+                .txn(&ops, &what)
+                .await
+                .map_err(|e| too_large(e, key))?
+            {
                 TxnReply::Committed(entries) => {
                     return Ok(entries.last().map_or(0, |e| e.modify_index));
                 }
@@ -234,11 +253,20 @@ impl Inner {
                 }
             }
         }
-        Err(Error::unavailable(NAME, format!("writing key {key:?}: it kept changing")))
+        Err(Error::unavailable(
+            NAME,
+            format!("writing key {key:?}: it kept changing"),
+        ))
     }
 
     /// A put of a value too large for a txn: `PUT /v1/kv?cas=`.
-    async fn put_raw(&self, key: &str, ck: &str, value: Bytes, opts: &PutOptions) -> Result<Revision> {
+    async fn put_raw(
+        &self,
+        key: &str,
+        ck: &str,
+        value: Bytes,
+        opts: &PutOptions,
+    ) -> Result<Revision> {
         for _ in 0..MAX_ATTEMPTS {
             let (cur, _) = self.client.kv_get(ck, true).await?;
             let cur_rev = cur.as_ref().map(|e| e.modify_index);
@@ -278,7 +306,10 @@ impl Inner {
                 }),
             };
         }
-        Err(Error::unavailable(NAME, format!("writing key {key:?}: it kept changing")))
+        Err(Error::unavailable(
+            NAME,
+            format!("writing key {key:?}: it kept changing"),
+        ))
     }
 
     async fn delete(&self, key: &str, opts: &DeleteOptions) -> Result<bool> {
@@ -289,7 +320,11 @@ impl Inner {
                 None => KvOp::new(Verb::Get, ck.clone()),
             };
             let ops = [first, KvOp::new(Verb::Delete, ck.clone())];
-            match self.client.txn(&ops, &format!("deleting key {key:?}")).await? {
+            match self
+                .client
+                .txn(&ops, &format!("deleting key {key:?}"))
+                .await?
+            {
                 TxnReply::Committed(_) => return Ok(true),
                 TxnReply::RolledBack(_) => {
                     let Some(r) = opts.if_revision else {
@@ -302,7 +337,10 @@ impl Inner {
                 }
             }
         }
-        Err(Error::unavailable(NAME, format!("deleting key {key:?}: it kept changing")))
+        Err(Error::unavailable(
+            NAME,
+            format!("deleting key {key:?}: it kept changing"),
+        ))
     }
 
     /// One attempt of a txn; `Ok(None)` when what it read changed before it
@@ -362,9 +400,8 @@ impl Inner {
         for op in branch {
             if let Op::Put { ttl: Some(t), .. } = op {
                 let t = session_ttl(*t)?;
-                if !sessions.contains_key(&t.as_secs()) {
-                    let id = self.ttl_session(t).await?;
-                    sessions.insert(t.as_secs(), id);
+                if let std::collections::hash_map::Entry::Vacant(v) = sessions.entry(t.as_secs()) {
+                    v.insert(self.ttl_session(t).await?);
                 }
             }
         }
@@ -451,7 +488,10 @@ impl Inner {
                         }
                         ops.push((main, Role::Put(i)));
                     } else if needs_clear {
-                        ops.push((KvOp::new(Verb::DeleteCas, k.clone()).index(st.index), Role::Aux));
+                        ops.push((
+                            KvOp::new(Verb::DeleteCas, k.clone()).index(st.index),
+                            Role::Aux,
+                        ));
                         ops.push((main, Role::Put(i)));
                     } else if ttl.is_none() {
                         // `cas` pins and writes in one op (index 0: only if absent).
@@ -479,7 +519,10 @@ impl Inner {
                         }
                     } else if st.exists {
                         writes = true;
-                        ops.push((KvOp::new(Verb::DeleteCas, k.clone()).index(st.index), Role::Aux));
+                        ops.push((
+                            KvOp::new(Verb::DeleteCas, k.clone()).index(st.index),
+                            Role::Aux,
+                        ));
                     } else {
                         ops.push((KvOp::new(Verb::CheckNotExists, k.clone()), Role::Aux));
                     }
@@ -527,14 +570,21 @@ impl Inner {
                         })
                     });
                     if let Some(e) = unexpected {
-                        return Err(Error::backend(NAME, format!("transaction failed: {}", e.what)));
+                        return Err(Error::backend(
+                            NAME,
+                            format!("transaction failed: {}", e.what),
+                        ));
                     }
                     return Ok(None);
                 }
                 TxnReply::Committed(entries) => {
                     let mut it = entries.into_iter();
                     for (op, role) in &ops {
-                        let e = if op.verb.results() == 1 { it.next() } else { None };
+                        let e = if op.verb.results() == 1 {
+                            it.next()
+                        } else {
+                            None
+                        };
                         let Some(e) = e else { continue };
                         match role {
                             Role::Put(i) => {
@@ -587,9 +637,8 @@ impl ConsulBackend {
             "consul" => "http",
             "consuls" => {
                 if !cfg!(feature = "tls") {
-                    return Err(url.invalid(
-                        "consuls:// needs the Cargo feature \"tls\" of latchkey-consul",
-                    ));
+                    return Err(url
+                        .invalid("consuls:// needs the Cargo feature \"tls\" of latchkey-consul"));
                 }
                 "https"
             }
@@ -606,7 +655,9 @@ impl ConsulBackend {
             .map(str::to_string)
             .or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok())
             .filter(|t| !t.is_empty());
-        let timeout = url.param_duration("timeout")?.unwrap_or(Duration::from_secs(10));
+        let timeout = url
+            .param_duration("timeout")?
+            .unwrap_or(Duration::from_secs(10));
         let client = Client::new(
             format!("{scheme}://{host}"),
             token,
@@ -648,7 +699,11 @@ impl ConsulBackend {
 impl KvStore for ConsulBackend {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         validate::key(key)?;
-        let (e, _) = self.inner.client.kv_get(&self.inner.ckey(key), true).await?;
+        let (e, _) = self
+            .inner
+            .client
+            .kv_get(&self.inner.ckey(key), true)
+            .await?;
         match e {
             Some(e) => self.inner.to_kv(&e, false),
             None => Ok(None),
@@ -743,10 +798,15 @@ impl DistributedLock for ConsulBackend {
         let ttl = session_ttl(opts.ttl)?;
         let what = || format!("waiting for lock {name:?} on consul");
         if opts.wait == Some(Duration::ZERO) {
-            return self.inner.locks.try_lock(name, ttl).await?.ok_or_else(|| Error::Timeout {
-                what: what(),
-                after: Duration::ZERO,
-            });
+            return self
+                .inner
+                .locks
+                .try_lock(name, ttl)
+                .await?
+                .ok_or_else(|| Error::Timeout {
+                    what: what(),
+                    after: Duration::ZERO,
+                });
         }
         latchkey_core::with_wait(opts.wait, what, self.inner.locks.lock(name, ttl)).await
     }

@@ -40,10 +40,9 @@ impl Entry {
     pub fn bytes(&self) -> Result<Bytes> {
         match &self.value {
             None => Ok(Bytes::new()),
-            Some(v) => B64
-                .decode(v)
-                .map(Bytes::from)
-                .map_err(|e| Error::backend(NAME, format!("bad base64 value of {:?}: {e}", self.key))),
+            Some(v) => B64.decode(v).map(Bytes::from).map_err(|e| {
+                Error::backend(NAME, format!("bad base64 value of {:?}: {e}", self.key))
+            }),
         }
     }
     /// The holding session, `None` when unheld.
@@ -436,7 +435,14 @@ impl Client {
         };
         let url = self.url("/v1/txn", &q);
         let r = self
-            .send(reqwest::Method::PUT, url, Some(body), self.timeout, what, writes)
+            .send(
+                reqwest::Method::PUT,
+                url,
+                Some(body),
+                self.timeout,
+                what,
+                writes,
+            )
             .await?;
         match r.status {
             200 => {
@@ -458,7 +464,12 @@ impl Client {
     }
 
     /// Creates a session; returns its ID.
-    pub async fn session_create(&self, ttl: Duration, behavior: &str, name: &str) -> Result<String> {
+    pub async fn session_create(
+        &self,
+        ttl: Duration,
+        behavior: &str,
+        name: &str,
+    ) -> Result<String> {
         #[derive(Serialize)]
         #[serde(rename_all = "PascalCase")]
         struct Body<'a> {
@@ -523,9 +534,10 @@ impl Client {
         match r.status {
             200 => {
                 let v: Vec<S> = json(&r.body, what).unwrap_or_default();
-                Ok(Some(v.first().and_then(|s| {
-                    latchkey_core::url::parse_duration(&s.ttl)
-                })))
+                Ok(Some(
+                    v.first()
+                        .and_then(|s| latchkey_core::url::parse_duration(&s.ttl)),
+                ))
             }
             404 => Ok(None),
             s => Err(status_error(s, &r.body, what)),

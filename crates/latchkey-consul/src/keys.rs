@@ -105,8 +105,25 @@ mod tests {
     #[test]
     fn round_trips_and_is_path_safe() {
         for k in [
-            "/", "/lead", "trail/", "/both/", "a//b", "a/b", ".", "..", "./x", "a/./b", "a/../b",
-            "~", "%2F", "a~2Fb", "ünï/✓", "emoji🔒", "?q=1&r", "#frag", " pad ",
+            "/",
+            "/lead",
+            "trail/",
+            "/both/",
+            "a//b",
+            "a/b",
+            ".",
+            "..",
+            "./x",
+            "a/./b",
+            "a/../b",
+            "~",
+            "%2F",
+            "a~2Fb",
+            "ünï/✓",
+            "emoji🔒",
+            "?q=1&r",
+            "#frag",
+            " pad ",
         ] {
             let e = encode(k);
             assert_eq!(decode(&e).as_deref(), Some(k), "{k:?} -> {e:?}");

@@ -52,7 +52,10 @@ pub(crate) async fn start(inner: Arc<Inner>, prefix: String) -> Result<WatchStre
             _ = run(inner, prefix, cprefix, known, index, tx) => {}
         }
     });
-    Ok(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) }).boxed())
+    Ok(
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+            .boxed(),
+    )
 }
 
 async fn run(
