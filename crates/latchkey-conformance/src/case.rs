@@ -104,6 +104,7 @@ pub struct Case {
     /// CLI's `latchkey check` runs only those.
     pub destructive: bool,
     pub(crate) gate: Option<Gate>,
+    pub(crate) needs_op_count: bool,
     pub(crate) run: fn(Cx) -> BoxFuture<'static, CaseResult>,
 }
 
@@ -118,6 +119,7 @@ impl Case {
             doc,
             destructive: false,
             gate: None,
+            needs_op_count: false,
             run,
         }
     }
@@ -129,6 +131,10 @@ impl Case {
         self.gate = Some(gate);
         self
     }
+    pub(crate) fn needs_op_count(mut self, yes: bool) -> Self {
+        self.needs_op_count = yes;
+        self
+    }
     /// The area: the part of the name before `::`.
     pub fn area(&self) -> &'static str {
         self.name.split("::").next().unwrap_or(self.name)
@@ -136,6 +142,13 @@ impl Case {
     /// Why this case cannot run on a backend with `caps`, if it cannot.
     pub fn ruled_out_by(&self, caps: &Capabilities) -> Option<String> {
         self.gate.and_then(|g| g(caps))
+    }
+    /// Why this case cannot run with this harness and backend, if it cannot.
+    pub fn ruled_out(&self, caps: &Capabilities, harness: &dyn Harness) -> Option<String> {
+        if self.needs_op_count && !harness.counts_ops() {
+            return Some("needs op counts from the harness".into());
+        }
+        self.ruled_out_by(caps)
     }
     /// The doc text as plain lines (leading spaces of doc comments removed).
     pub fn description(&self) -> String {
@@ -229,6 +242,11 @@ impl Cx {
 
     pub(crate) fn harness(&self) -> &Arc<dyn Harness> {
         &self.harness
+    }
+
+    /// Requests `handle` has sent so far, if the harness counts them.
+    pub fn op_count(&self, handle: &Arc<dyn Backend>) -> Option<u64> {
+        self.harness.op_count(handle)
     }
 
     /// A TTL for KV keys that is short but honoured: `min_ttl`, at least 500 ms.

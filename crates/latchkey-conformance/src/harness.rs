@@ -1,9 +1,12 @@
-//! [`Harness`]: how the suite opens handles to the backend under test.
+//! [`Harness`]: how the suite opens handles to the backend under test, and
+//! [`Instrumented`], a harness that also reports per-handle request counts.
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use latchkey_core::{Backend, Result};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Opens handles to the backend under test.
 ///
@@ -28,6 +31,20 @@ pub trait Harness: Send + Sync + 'static {
     /// Opens a NEW independent handle (its own connection/session/lease) to
     /// the backend under test, in `namespace`.
     async fn open(&self, namespace: &str) -> Result<Arc<dyn Backend>>;
+
+    /// True if [`op_count`](Harness::op_count) answers. Cases that measure
+    /// requests (a lock waiter must not poll) are ignored otherwise, with
+    /// that reason.
+    fn counts_ops(&self) -> bool {
+        false
+    }
+
+    /// How many requests `handle` (opened by this harness) has sent to the
+    /// server so far, where the backend can tell.
+    fn op_count(&self, handle: &Arc<dyn Backend>) -> Option<u64> {
+        let _ = handle;
+        None
+    }
 }
 
 #[async_trait]
@@ -38,5 +55,78 @@ where
 {
     async fn open(&self, namespace: &str) -> Result<Arc<dyn Backend>> {
         (self)(namespace.to_string()).await
+    }
+}
+
+type Opener<B> = Box<dyn Fn(String) -> BoxFuture<'static, Result<Arc<B>>> + Send + Sync>;
+
+/// A harness over a concrete backend type `B` that can count each handle's
+/// requests, enabling the cases that measure them (e.g. that a lock waiter
+/// does not poll). With the mem backend:
+///
+/// ```no_run
+/// use latchkey_conformance::harness::Instrumented;
+/// use latchkey_mem::{MemBackend, MemStore};
+///
+/// fn main() -> std::process::ExitCode {
+///     let store = MemStore::new();
+///     let harness = Instrumented::new(move |ns: String| {
+///         let store = store.clone();
+///         async move { store.handle(&ns) }
+///     })
+///     .with_op_count(MemBackend::op_count);
+///     latchkey_conformance::run("mem", harness)
+/// }
+/// ```
+pub struct Instrumented<B> {
+    open: Opener<B>,
+    count: Option<fn(&B) -> u64>,
+    handles: Mutex<HashMap<usize, Weak<B>>>,
+}
+
+impl<B: Backend + 'static> Instrumented<B> {
+    /// A harness opening handles with `open`.
+    pub fn new<F, Fut>(open: F) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<B>>> + Send + 'static,
+    {
+        Instrumented {
+            open: Box::new(move |ns| Box::pin(open(ns))),
+            count: None,
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads a handle's request count with `count`.
+    pub fn with_op_count(mut self, count: fn(&B) -> u64) -> Self {
+        self.count = Some(count);
+        self
+    }
+
+    fn key<T: ?Sized>(p: &Arc<T>) -> usize {
+        Arc::as_ptr(p) as *const () as usize
+    }
+}
+
+#[async_trait]
+impl<B: Backend + 'static> Harness for Instrumented<B> {
+    async fn open(&self, namespace: &str) -> Result<Arc<dyn Backend>> {
+        let b = (self.open)(namespace.to_string()).await?;
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.retain(|_, w| w.strong_count() > 0);
+        handles.insert(Self::key(&b), Arc::downgrade(&b));
+        Ok(b)
+    }
+
+    fn counts_ops(&self) -> bool {
+        self.count.is_some()
+    }
+
+    fn op_count(&self, handle: &Arc<dyn Backend>) -> Option<u64> {
+        let count = self.count?;
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let b = handles.get(&Self::key(handle))?.upgrade()?;
+        Some(count(&b))
     }
 }

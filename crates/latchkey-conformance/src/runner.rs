@@ -143,7 +143,7 @@ async fn run_case_with(
             Err(e) => return Outcome::Failed(e),
         },
     };
-    if let Some(reason) = case.ruled_out_by(&caps) {
+    if let Some(reason) = case.ruled_out(&caps, harness.as_ref()) {
         return Outcome::Ignored(reason);
     }
     run_case_forced(case, harness, caps, limit).await
@@ -248,7 +248,10 @@ pub fn trials<H: Harness>(label: &str, harness: Arc<H>) -> Vec<Trial> {
     cases::all()
         .into_iter()
         .map(|case| {
-            let reason = caps.as_ref().ok().and_then(|c| case.ruled_out_by(c));
+            let reason = caps
+                .as_ref()
+                .ok()
+                .and_then(|c| case.ruled_out(c, harness.as_ref()));
             let name = case.name;
             let (harness, caps, reason2) = (harness.clone(), caps.clone(), reason.clone());
             // Runs only when asked to (`--ignored`, `--include-ignored`,

@@ -6,7 +6,7 @@
 #[allow(dead_code)]
 mod broken;
 
-use broken::{harness_with_caps, Bug};
+use broken::{instrumented, Bug};
 use latchkey_core::Capabilities;
 
 fn main() -> std::process::ExitCode {
@@ -15,9 +15,5 @@ fn main() -> std::process::ExitCode {
     caps.native_ttl = false;
     caps.global_revision = false;
     caps.linearizable_reads = false;
-    let h = harness_with_caps(Bug::None, Some(caps));
-    latchkey_conformance::run("mem-stripped", move |ns: String| {
-        let h = h.clone();
-        async move { h.open(&ns).await }
-    })
+    latchkey_conformance::run("mem-stripped", instrumented(Bug::None, Some(caps)))
 }

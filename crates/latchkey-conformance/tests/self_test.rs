@@ -3,6 +3,7 @@
 //! while the same cases pass on a pass-through wrapper (so the failure is
 //! the bug's, not the wrapper's).
 
+#[allow(dead_code)]
 mod broken;
 
 use broken::{harness, Bug};
@@ -111,4 +112,9 @@ async fn ignored_ttl_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_never_firing_is_caught() {
     caught(Bug::LostNeverFires, &["lock::abandoned_lease_expires"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_waiter_is_caught() {
+    caught(Bug::PollingWaiter, &["lock::waiter_does_not_poll"]).await;
 }

@@ -146,3 +146,18 @@ async fn hanging_case_fails_at_its_limit() {
         started.elapsed()
     );
 }
+
+/// A case that measures requests is ignored, with its reason, when the
+/// harness cannot count them (a plain closure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn op_count_cases_need_a_counting_harness() {
+    let case = find_case("lock::waiter_does_not_poll").unwrap();
+    assert_eq!(
+        run_case(&case, broken::uncounted_harness(Bug::None)).await,
+        Outcome::Ignored("needs op counts from the harness".into())
+    );
+    assert_eq!(
+        run_case(&case, broken::harness(Bug::None)).await,
+        Outcome::Passed
+    );
+}

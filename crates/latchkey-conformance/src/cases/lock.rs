@@ -304,6 +304,47 @@ cases! {
         Ok(())
     }
 
+    /// A waiting `lock()` does not poll: while the lock stays held for
+    /// 1.5 s, the waiter's handle sends at most 3 requests (counted by the
+    /// harness), and it still acquires promptly after the release.
+    #[case("lock::waiter_does_not_poll", needs_op_count = true)]
+    async fn no_polling(cx: Cx) -> CaseResult {
+        let (a, c) = (cx.open().await?, cx.open().await?);
+        let g = must_lock(a.as_ref(), "x", cx.long_lock()).await?;
+        let (c2, opts) = (c.clone(), cx.long_lock());
+        let mut waiter = tokio::spawn(async move { c2.lock("x", opts).await });
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+                .await
+                .is_err(),
+            "expected the waiter to wait while x is held"
+        );
+        let count = |what: &str| {
+            cx.op_count(&c).ok_or_else(|| {
+                Fail(format!("expected the harness to count the waiter's requests ({what})"))
+            })
+        };
+        let before = count("before")?;
+        let hold = Duration::from_millis(1500);
+        ensure!(
+            tokio::time::timeout(hold, &mut waiter).await.is_err(),
+            "expected the waiter to keep waiting while x is held"
+        );
+        let sent = count("after")? - before;
+        ensure!(
+            sent <= 3,
+            "expected a waiting lock() to send at most 3 requests in {hold:?}, it sent {sent} (it polls)"
+        );
+        g.release().await.ctx("release")?;
+        let g2 = tokio::time::timeout(cx.wake_bound(), waiter)
+            .await
+            .map_err(|_| Fail(format!("expected the waiter to acquire within {:?}", cx.wake_bound())))?
+            .map_err(|e| Fail(format!("waiter panicked: {e}")))?
+            .ctx("the waiter's lock")?;
+        g2.release().await.ctx("release")?;
+        Ok(())
+    }
+
     /// Automatic renewal keeps a lock with a short TTL alive across 5× its
     /// TTL: another handle waiting that long times out, the guard is not
     /// lost, and a fenced write with it still commits.

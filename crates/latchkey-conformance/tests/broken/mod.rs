@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use latchkey_conformance::harness::Instrumented;
 use latchkey_conformance::Harness;
 use latchkey_core::{
     Backend, Capabilities, Compare, DeleteOptions, DistributedLock, Error, GuardOps, KeyValue,
@@ -38,6 +39,8 @@ pub enum Bug {
     LostNeverFires,
     /// Reads never answer.
     Hang,
+    /// `lock()` polls `try_lock` every 10 ms instead of waiting for a wake-up.
+    PollingWaiter,
 }
 
 #[derive(Default)]
@@ -55,10 +58,16 @@ pub fn harness(bug: Bug) -> Arc<dyn Harness> {
 }
 
 /// Like [`harness`], with capabilities declared as `caps` instead of mem's.
+/// The harness counts each handle's requests to the mem store.
 pub fn harness_with_caps(bug: Bug, caps: Option<Capabilities>) -> Arc<dyn Harness> {
+    Arc::new(instrumented(bug, caps))
+}
+
+/// The counting harness itself, for `latchkey_conformance::run`.
+pub fn instrumented(bug: Bug, caps: Option<Capabilities>) -> Instrumented<Broken> {
     let store = MemStore::new();
     let shared = Arc::new(Shared::default());
-    Arc::new(move |ns: String| {
+    Instrumented::new(move |ns: String| {
         let (store, shared, caps) = (store.clone(), shared.clone(), caps.clone());
         async move {
             let inner = store.handle(&ns)?;
@@ -68,6 +77,26 @@ pub fn harness_with_caps(bug: Bug, caps: Option<Capabilities>) -> Arc<dyn Harnes
                 shared,
                 ns,
                 caps,
+            }))
+        }
+    })
+    .with_op_count(|b: &Broken| b.inner.op_count())
+}
+
+/// Like [`harness`], but a plain closure: it cannot count requests.
+pub fn uncounted_harness(bug: Bug) -> Arc<dyn Harness> {
+    let store = MemStore::new();
+    let shared = Arc::new(Shared::default());
+    Arc::new(move |ns: String| {
+        let (store, shared) = (store.clone(), shared.clone());
+        async move {
+            let inner = store.handle(&ns)?;
+            Ok(Arc::new(Broken {
+                inner,
+                bug,
+                shared,
+                ns,
+                caps: None,
             }) as Arc<dyn Backend>)
         }
     })
@@ -322,6 +351,21 @@ impl Txn for Broken {
 #[async_trait]
 impl DistributedLock for Broken {
     async fn lock(&self, name: &str, opts: LockOptions) -> Result<LockGuard> {
+        if self.bug == Bug::PollingWaiter {
+            let deadline = opts.wait.map(|w| tokio::time::Instant::now() + w);
+            loop {
+                if let Some(g) = self.inner.try_lock(name, opts.clone()).await? {
+                    return Ok(self.wrap_guard(name, g));
+                }
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Err(Error::Timeout {
+                        what: format!("lock {name}"),
+                        after: opts.wait.unwrap_or_default(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let private = self.lock_name(name);
         let g = self.inner.lock(&private, opts).await?;
         Ok(self.wrap_guard(name, g))
