@@ -130,7 +130,7 @@ impl RedisBackend {
             .await?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
-                notifier: Notifier::new(cfg.client.clone(), cfg.timeout),
+                notifier: Notifier::new(cfg.client.clone(), cfg.timeout, conn.ops().clone()),
                 conn,
                 layout: Layout::new(&cfg.namespace),
                 history: cfg.history,
@@ -138,6 +138,17 @@ impl RedisBackend {
                 groups: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Number of requests this handle has sent (commands and scripts on
+    /// its command connection, SUBSCRIBE/UNSUBSCRIBE, watch reads). A lock
+    /// waiter sends none while it waits for a notification, which is how
+    /// tests show that it does not poll.
+    pub fn op_count(&self) -> u64 {
+        self.shared
+            .conn
+            .ops()
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The Redis key a lock named `name` occupies in this handle's

@@ -10,7 +10,7 @@ use redis::{
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub(crate) const NAME: &str = "redis";
@@ -169,6 +169,8 @@ pub(crate) struct Conn {
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     connecting: tokio::sync::Mutex<()>,
     generation: AtomicU64,
+    /// Requests sent by this handle on any of its connections.
+    ops: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -179,7 +181,13 @@ impl Conn {
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            ops: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The handle's request counter (shared with its other connections).
+    pub(crate) fn ops(&self) -> &Arc<AtomicU64> {
+        &self.ops
     }
 
     pub(crate) fn client(&self) -> &Client {
@@ -251,6 +259,7 @@ impl Conn {
         loop {
             attempt += 1;
             let (generation, con) = self.get().await?;
+            self.ops.fetch_add(1, Ordering::Relaxed);
             match f(con).await {
                 Ok(v) => return Ok(v),
                 Err(e)

@@ -13,6 +13,7 @@ use latchkey_core::{Error, Result};
 use redis::aio::PubSubSink;
 use redis::Client;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -47,6 +48,7 @@ impl ConnState {
 struct Inner {
     client: Client,
     timeout: Duration,
+    ops: Arc<AtomicU64>,
     /// Serialises (re)connecting, subscribing and unsubscribing, so an
     /// UNSUBSCRIBE of a channel nobody waits on any more never overtakes a
     /// new waiter's SUBSCRIBE.
@@ -76,11 +78,12 @@ fn channels(
 }
 
 impl Notifier {
-    pub(crate) fn new(client: Client, timeout: Duration) -> Self {
+    pub(crate) fn new(client: Client, timeout: Duration, ops: Arc<AtomicU64>) -> Self {
         Notifier {
             inner: Arc::new(Inner {
                 client,
                 timeout,
+                ops,
                 conn: tokio::sync::Mutex::new(ConnState::default()),
                 channels: Arc::new(Mutex::new(HashMap::new())),
             }),
@@ -130,6 +133,7 @@ impl Inner {
             return Ok(());
         }
         let sink = st.sink.as_mut().expect("connected above");
+        self.ops.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(self.timeout, sink.subscribe(channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -249,6 +253,7 @@ impl Drop for Subscription {
                 return;
             }
             if let Some(sink) = st.sink.as_mut() {
+                inner.ops.fetch_add(1, Ordering::Relaxed);
                 if !matches!(
                     tokio::time::timeout(inner.timeout, sink.unsubscribe(&channel)).await,
                     Ok(Ok(()))

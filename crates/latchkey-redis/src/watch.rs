@@ -18,6 +18,8 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, Client, Value};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long one `XREAD` blocks; after an empty one the watch checks that
@@ -28,6 +30,7 @@ const BATCH: usize = 512;
 
 struct State {
     client: Client,
+    ops: Arc<AtomicU64>,
     timeout: Duration,
     con: Option<MultiplexedConnection>,
     rev_key: String,
@@ -119,6 +122,7 @@ pub(crate) async fn open(
     };
     let state = State {
         client,
+        ops: shared.conn.ops().clone(),
         timeout,
         con: Some(con),
         rev_key,
@@ -176,6 +180,7 @@ impl State {
             .arg("STREAMS")
             .arg(&self.log_key)
             .arg(&self.last_id);
+        self.ops.fetch_add(1, Ordering::Relaxed);
         let read = cmd.query_async::<Option<StreamReadReply>>(con);
         let reply = match tokio::time::timeout(BLOCK + self.timeout, read).await {
             Ok(Ok(r)) => r,
