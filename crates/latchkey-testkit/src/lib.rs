@@ -182,6 +182,15 @@ pub fn spawn_zookeeper_ensemble(size: usize, options: ZookeeperOptions) -> Resul
 
 // ------------------------------------------------------------ shared instances
 
+/// Throwaway TLS files (CA, and a certificate for `127.0.0.1`/`localhost`), made once
+/// per test binary with the `openssl` CLI. See [`TlsFiles::generate`].
+pub fn test_tls() -> Result<&'static TlsFiles> {
+    static CELL: OnceLock<Result<TlsFiles, String>> = OnceLock::new();
+    CELL.get_or_init(|| TlsFiles::generate().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Invalid(e.clone()))
+}
+
 fn env_url(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }

@@ -339,6 +339,9 @@ where
                     Ok(n) => n,
                 };
                 let now = Instant::now();
+                // The mode as of now, not as of when the read started: a switch
+                // made while this read waited applies to the bytes it returns.
+                let mode = *mode_rx.borrow_and_update();
                 match mode {
                     ProxyMode::BlackHole => {}
                     ProxyMode::Latency { delay, jitter: j } => {
@@ -359,6 +362,11 @@ where
             }
             _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() && !stalled => {
                 let (_, chunk) = queue.pop_front().expect("queue not empty");
+                let mode = *mode_rx.borrow_and_update();
+                if mode == ProxyMode::Stall {
+                    queue.push_front((Instant::now(), chunk));
+                    continue;
+                }
                 if mode != ProxyMode::BlackHole && w.write_all(&chunk).await.is_err() {
                     return;
                 }

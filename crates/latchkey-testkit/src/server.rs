@@ -50,6 +50,99 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// Generates, with the `openssl` CLI, a throwaway CA and a server certificate for
+    /// `127.0.0.1` and `localhost` (also usable as a client certificate), in a temp
+    /// dir removed at process exit. Prefer the shared [`crate::test_tls`].
+    pub fn generate() -> Result<TlsFiles> {
+        let dir = TempDir::new("tls")?;
+        let d = dir.path().to_path_buf();
+        // Removed at exit by the registry; the files must outlive this call.
+        std::mem::forget(dir);
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&d)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::Missing {
+                        what: "openssl".into(),
+                        install: "apt-get update && apt-get install -y openssl".into(),
+                    },
+                    _ => Error::io("run openssl", e),
+                })?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(Error::Invalid(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                )))
+            }
+        };
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=latchkey test CA",
+        ]);
+        openssl(&ca)?;
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        openssl(&csr)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "3650",
+            "-extfile",
+            "server.ext",
+        ])?;
+        Ok(TlsFiles {
+            cert: d.join("server.pem"),
+            key: d.join("server.key"),
+            ca: d.join("ca.pem"),
+        })
+    }
+}
+
 /// Options for [`spawn_redis`](crate::spawn_redis).
 ///
 /// In `args`, `{port}` and `{dir}` are replaced by the server's port and data dir.
@@ -178,8 +271,9 @@ impl Ready {
             Ready::EtcdHealth(a) => probe::etcd_health(*a, PROBE_TIMEOUT).is_ok(),
             Ready::ZkMode(a) => probe::zk_mode(*a, PROBE_TIMEOUT).is_ok(),
             Ready::LogLine(a, text) => {
-                TcpStream::connect_timeout(a, PROBE_TIMEOUT).is_ok()
-                    && read_log(log, log_from).contains(text)
+                // Log first: a bare TCP probe makes a TLS server log a rejected handshake.
+                read_log(log, log_from).contains(text)
+                    && TcpStream::connect_timeout(a, PROBE_TIMEOUT).is_ok()
             }
         }
     }
@@ -783,7 +877,7 @@ fn etcd_node(
     args.extend(opts.args.iter().map(|a| subst(a, m.client, &m.dir)));
     let addr = loopback(m.client);
     let ready = if opts.tls.is_some() {
-        Ready::LogLine(addr, "ready to serve client requests")
+        Ready::LogLine(addr, "serving client traffic securely")
     } else {
         Ready::EtcdHealth(addr)
     };

@@ -216,3 +216,36 @@ fn unique_namespaces_differ_and_are_plain() {
     );
     assert!(a.len() <= 100);
 }
+
+#[test]
+fn tls_servers_start_and_speak_tls() {
+    let tls = latchkey_testkit::test_tls().unwrap().clone();
+    let r = latchkey_testkit::spawn_redis(RedisOptions {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(r.url().starts_with("rediss://127.0.0.1:"), "{}", r.url());
+    let e = latchkey_testkit::spawn_etcd(EtcdOptions {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(e.url().starts_with("etcds://127.0.0.1:"), "{}", e.url());
+    // A TLS handshake with the generated CA succeeds against both.
+    for addr in [r.addr().unwrap(), e.addr().unwrap()] {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-CAfile"])
+            .arg(&tls.ca)
+            .args(["-verify_return_error", "-brief"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Verification: OK"), "{addr}: {text}");
+    }
+}
