@@ -2,7 +2,7 @@
 //!
 //! latchkey's shared conformance suite, as a library. It defines what
 //! "works" means for a latchkey backend — ours or a third party's — in
-//! about 80 cases over the KV, Txn and lock APIs, plus two history
+//! over 80 cases over the KV, Txn and lock APIs, plus two history
 //! checkers (mutual exclusion with fencing, and linearizability).
 //!
 //! ## Plugging a backend in: one call
@@ -52,8 +52,8 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`harness`] | [`Harness`]: how the suite opens handles (closures are harnesses) |
-//! | [`runner`] | [`run`], [`trials`] (libtest-mimic), [`run_case`] / [`run_cases`] (programmatic, per-case [`Outcome`]s) |
+//! | [`harness`] | [`Harness`]: how the suite opens handles (closures are harnesses); [`harness::Instrumented`] also counts each handle's requests |
+//! | [`runner`] | [`run`], [`trials`] (libtest-mimic, one shared runtime), [`run_case`] / [`run_case_within`] / [`run_cases`] (programmatic, per-case [`Outcome`]s) |
 //! | [`case`] | [`Case`] (name, doc, destructive flag, capability gate), the case context [`Cx`] |
 //! | `cases::{kv, txn, lock, fence, watch, ttl, input}` | the cases, one module per area |
 //! | [`checkers`] | [`checkers::exclusion`] (mutual exclusion + fencing monotonicity), [`checkers::linearizability`] (Wing–Gong–Lowe, per key) |
