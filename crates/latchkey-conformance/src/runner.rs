@@ -267,12 +267,16 @@ pub fn trials<H: Harness>(label: &str, harness: Arc<H>) -> Vec<Trial> {
                 )) {
                     Outcome::Passed => Ok(()),
                     Outcome::Ignored(r) => Err(Failed::from(format!("ignored: {r}"))),
-                    Outcome::Failed(msg) => Err(Failed::from(match &reason2 {
-                        Some(r) => format!(
-                            "(run although the backend's capabilities rule it out: {r}) {msg}"
-                        ),
-                        None => msg,
-                    })),
+                    Outcome::Failed(msg) => {
+                        let msg = match &reason2 {
+                            Some(r) => format!(
+                                "(run although the backend's capabilities rule it out: {r}) {msg}"
+                            ),
+                            None => msg,
+                        };
+                        let about = case.description().replace('\n', " ");
+                        Err(Failed::from(format!("{msg}\n\nThis case asserts: {about}")))
+                    }
                 }
             });
             match reason {
