@@ -84,6 +84,6 @@ pub mod runner;
 pub use case::{Case, CaseResult, Cx, Fail};
 pub use harness::Harness;
 pub use runner::{
-    all_cases, case as find_case, case_timeout, fresh_namespace, run, run_case, run_case_within,
-    run_cases, shared_runtime, trials, CaseReport, Outcome,
+    all_cases, case as find_case, case_timeout, catalogue, fresh_namespace, run, run_case,
+    run_case_within, run_cases, shared_runtime, trials, CaseReport, Outcome,
 };

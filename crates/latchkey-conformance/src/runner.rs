@@ -55,6 +55,18 @@ pub fn case(name: &str) -> Option<Case> {
     cases::all().into_iter().find(|c| c.name == name)
 }
 
+/// A Markdown table of every case: name, whether it is destructive, and
+/// what it asserts. For a `CONFORMANCE.md`, or `latchkey check --list`.
+pub fn catalogue() -> String {
+    let mut out = String::from("| case | destructive | asserts |\n|---|---|---|\n");
+    for c in cases::all() {
+        let about = c.description().replace('\n', " ").replace('|', "\\|");
+        let d = if c.destructive { "yes" } else { "" };
+        out.push_str(&format!("| `{}` | {d} | {about} |\n", c.name));
+    }
+    out
+}
+
 /// How long one case may run before it fails (`LATCHKEY_CONFORMANCE_TIMEOUT_SECS`, default 120 s).
 pub fn case_timeout() -> Duration {
     std::env::var("LATCHKEY_CONFORMANCE_TIMEOUT_SECS")

@@ -6,7 +6,7 @@ mod broken;
 
 use broken::{harness_with_caps, Bug};
 use latchkey_conformance::{
-    all_cases, find_case, run_case, run_case_within, run_cases, trials, Outcome,
+    all_cases, catalogue, find_case, run_case, run_case_within, run_cases, trials, Outcome,
 };
 use latchkey_core::Capabilities;
 use std::collections::HashSet;
@@ -166,4 +166,17 @@ async fn op_count_cases_need_a_counting_harness() {
         run_case(&case, broken::harness(Bug::None)).await,
         Outcome::Passed
     );
+}
+
+#[test]
+fn catalogue_lists_every_case() {
+    let md = catalogue();
+    for c in all_cases() {
+        assert!(
+            md.contains(&format!("| `{}` |", c.name)),
+            "{} missing",
+            c.name
+        );
+    }
+    assert_eq!(md.lines().count(), all_cases().len() + 2);
 }
