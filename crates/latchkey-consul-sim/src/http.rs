@@ -2,6 +2,11 @@
 //! texts as Consul's agent has them (agent/http.go, kvs_endpoint.go,
 //! session_endpoint.go, txn_endpoint.go; sources cited in the crate docs).
 
+// Early-return `Result<_, Response>` is the shape of every handler step
+// here; a Response is built at most once per request, so boxing it would
+// only add noise.
+#![allow(clippy::result_large_err)]
+
 use crate::godur;
 use crate::state::{
     Behavior, Entry, OpFail, Session, Store, MAX_LOCK_DELAY, SERF_CHECK, SESSION_TTL_MAX,
@@ -336,13 +341,43 @@ fn token_of(headers: &HeaderMap, q: &Query) -> Option<String> {
     (!t.is_empty()).then(|| t.to_string())
 }
 
-/// Reads a body of at most `limit` bytes; `Err(n)` when it is larger
-/// (n = bytes seen so far, at least limit + 1).
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, usize> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b.to_vec()),
-        Err(_) => Err(limit + 1),
+/// Reads a body of at most `limit` bytes; `Err(n)` when it is larger (n =
+/// its full size). An oversized body is still read to its end (up to 64
+/// MiB) before the answer, so the client is not cut off mid-send: a broken
+/// pipe would look like a lost write to it.
+async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, usize> {
+    use axum::body::HttpBody as _;
+    const DRAIN_MAX: usize = 64 * 1024 * 1024;
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => break,
+            Some(Err(_)) => return Err(total.max(limit + 1)),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    total += data.len();
+                    if total <= limit {
+                        out.extend_from_slice(&data);
+                    } else if total > DRAIN_MAX {
+                        break;
+                    }
+                }
+            }
+        }
     }
+    if total > limit {
+        Err(total)
+    } else {
+        Ok(out)
+    }
+}
+
+/// Drops what is left of an oversized body before answering (see
+/// [`read_body`]).
+async fn drain(body: Body) {
+    let _ = read_body(body, 0).await;
 }
 
 fn content_length(h: &HeaderMap) -> Option<usize> {
@@ -499,7 +534,7 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
             if *m != Method::PUT {
                 return method_not_allowed(m, &["PUT"]);
             }
-            session_create(&sh, &parts.headers, body, pretty).await
+            session_create(&sh, body, pretty).await
         }
         ("destroy", Some(id)) => {
             if *m != Method::PUT {
@@ -718,6 +753,7 @@ async fn kv_put(
     }
     if let Some(len) = content_length(headers) {
         if len > MAX_VALUE_SIZE {
+            drain(body).await;
             return too_large_value(len);
         }
     }
@@ -808,7 +844,7 @@ fn new_uuid() -> String {
     )
 }
 
-async fn session_create(sh: &Shared, headers: &HeaderMap, body: Body, pretty: bool) -> Response {
+async fn session_create(sh: &Shared, body: Body, pretty: bool) -> Response {
     let bad = |msg: String| {
         text(
             StatusCode::BAD_REQUEST,
@@ -819,7 +855,6 @@ async fn session_create(sh: &Shared, headers: &HeaderMap, body: Body, pretty: bo
         Ok(b) => b,
         Err(_) => return bad("http: request body too large".into()),
     };
-    let _ = headers;
     let st_node = sh.store().node_name.clone();
     let mut name = String::new();
     let mut node = st_node.clone();
@@ -1202,6 +1237,7 @@ async fn txn(sh: &Shared, q: &Query, headers: &HeaderMap, body: Body, pretty: bo
     const DOCS: &str = "https://www.consul.io/docs/agent/config/config-files#txn_max_req_len";
     if let Some(len) = content_length(headers) {
         if len > MAX_VALUE_SIZE {
+            drain(body).await;
             return text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("Request body({len} bytes) too large, max size: {MAX_VALUE_SIZE} bytes. See {DOCS}."),
