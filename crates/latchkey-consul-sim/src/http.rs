@@ -9,8 +9,7 @@
 
 use crate::godur;
 use crate::state::{
-    Behavior, Entry, OpFail, Session, Store, MAX_LOCK_DELAY, SERF_CHECK, SESSION_TTL_MAX,
-    SESSION_TTL_MIN,
+    Behavior, Entry, OpFail, Session, Store, SERF_CHECK, SESSION_TTL_MAX, SESSION_TTL_MIN,
 };
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -992,7 +991,6 @@ async fn session_create(sh: &Shared, body: Body, pretty: bool) -> Response {
             return err500(format!("Missing check '{c}' registration"));
         }
     }
-    let lock_delay = lock_delay.min(MAX_LOCK_DELAY);
     let mult = sh.multiplier();
     let id = {
         let mut st = sh.store();
@@ -1168,9 +1166,14 @@ fn txn_kv_op(st: &mut Store, idx: u64, op: &TxnOp) -> Result<TxnResults, String>
             Some(e) => one(&e.clone(), true),
             None => Err(format!("key {q} doesn't exist")),
         },
+        // An absent key answers the op's own entry with no value.
         "get-or-empty" => match st.get(&op.key) {
             Some(e) => one(&e.clone(), true),
-            None => Ok(vec![]),
+            None => {
+                let mut e = entry();
+                e.value.clear();
+                one(&e, true)
+            }
         },
         "get-tree" => {
             let (entries, _) = st.kv_list(&op.key);

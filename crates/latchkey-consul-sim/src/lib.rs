@@ -19,7 +19,8 @@
 //!   `cas`, `acquire`, `release`; body = raw value, at most 512 KiB),
 //!   `DELETE` (`cas`, `recurse`).
 //! - `/v1/session/{create,destroy/<id>,renew/<id>,info/<id>,list,node/<n>}`
-//!   with `TTL` (10 s … 24 h), `LockDelay` (default 15 s, at most 60 s),
+//!   with `TTL` (10 s … 24 h), `LockDelay` (default 15 s, applied capped at
+//!   60 s),
 //!   `Behavior` (`release` | `delete`), `Checks`/`NodeChecks` (only
 //!   `serfHealth` exists, always passing).
 //! - `/v1/txn` with the KV verbs `set, cas, lock, unlock, get, get-or-empty,

@@ -459,8 +459,11 @@ impl Store {
                 }
                 Behavior::Delete => self.kv_delete(idx, &key),
             }
-            if !s.lock_delay.is_zero() {
-                self.lock_delay.insert(key, now + s.lock_delay);
+            // deleteSessionTxn caps the delay at MaxLockDelay here (the
+            // session keeps the value it was created with).
+            let delay = s.lock_delay.min(MAX_LOCK_DELAY);
+            if !delay.is_zero() {
+                self.lock_delay.insert(key, now + delay);
             }
         }
         // Forget lock-delays that are over (keeps the map small).

@@ -3,6 +3,7 @@
 //! sleeps to synchronize.
 
 mod acl;
+mod bin;
 mod blocking;
 mod common;
 mod kv;

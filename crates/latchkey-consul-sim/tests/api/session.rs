@@ -63,15 +63,16 @@ async fn create_defaults_follow_consul() {
     assert_eq!(v["Behavior"], "release");
     assert_eq!(v["TTL"], "");
     assert_eq!(v["NodeChecks"], json!(["serfHealth"]));
-    // Case-insensitive field names, numeric lock delays under 1000 are seconds,
-    // and lock delays are capped at 60 s.
+    // Case-insensitive field names, numeric lock delays under 1000 are
+    // seconds; a lock delay over 60 s is kept as given (the cap applies when
+    // the session is invalidated).
     let id = s.session(json!({"lockdelay": 5, "ttl": "20s"})).await;
     let v = &s.get(&format!("/v1/session/info/{id}")).await.json()[0];
     assert_eq!(v["LockDelay"], 5_000_000_000u64);
     assert_eq!(v["TTL"], "20s");
     let id = s.session(json!({"LockDelay": "5m"})).await;
     let v = &s.get(&format!("/v1/session/info/{id}")).await.json()[0];
-    assert_eq!(v["LockDelay"], 60_000_000_000u64);
+    assert_eq!(v["LockDelay"], 300_000_000_000u64);
 }
 
 #[tokio::test]

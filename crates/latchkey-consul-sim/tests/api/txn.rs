@@ -373,3 +373,21 @@ async fn empty_txn_succeeds_with_no_results() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), json!({"Results": [], "Errors": null}));
 }
+
+#[tokio::test]
+async fn get_or_empty_answers_absent_keys_with_an_empty_entry() {
+    let s = sim();
+    s.put_bool("/v1/kv/here", "v").await;
+    let r = s
+        .txn(json!([
+            op("get-or-empty", "here"),
+            op("get-or-empty", "absent")
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let res = r.json()["Results"].clone();
+    assert_eq!(res[0]["KV"]["Value"], b64("v"));
+    assert_eq!(res[1]["KV"]["Key"], "absent");
+    assert!(res[1]["KV"]["Value"].is_null());
+    assert_eq!(res[1]["KV"]["ModifyIndex"], 0);
+}
