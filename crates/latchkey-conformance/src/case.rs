@@ -105,6 +105,7 @@ pub struct Case {
     pub destructive: bool,
     pub(crate) gate: Option<Gate>,
     pub(crate) needs_op_count: bool,
+    pub(crate) needs_revoke: bool,
     pub(crate) run: fn(Cx) -> BoxFuture<'static, CaseResult>,
 }
 
@@ -120,6 +121,7 @@ impl Case {
             destructive: false,
             gate: None,
             needs_op_count: false,
+            needs_revoke: false,
             run,
         }
     }
@@ -135,6 +137,10 @@ impl Case {
         self.needs_op_count = yes;
         self
     }
+    pub(crate) fn needs_revoke(mut self, yes: bool) -> Self {
+        self.needs_revoke = yes;
+        self
+    }
     /// The area: the part of the name before `::`.
     pub fn area(&self) -> &'static str {
         self.name.split("::").next().unwrap_or(self.name)
@@ -147,6 +153,9 @@ impl Case {
     pub fn ruled_out(&self, caps: &Capabilities, harness: &dyn Harness) -> Option<String> {
         if self.needs_op_count && !harness.counts_ops() {
             return Some("needs op counts from the harness".into());
+        }
+        if self.needs_revoke && !harness.revokes_locks() {
+            return Some("needs lock revocation from the harness".into());
         }
         self.ruled_out_by(caps)
     }
@@ -242,6 +251,14 @@ impl Cx {
 
     pub(crate) fn harness(&self) -> &Arc<dyn Harness> {
         &self.harness
+    }
+
+    /// Deletes lock `name`'s entry behind its holder's back (harness hook).
+    pub async fn revoke_lock(&self, handle: &Arc<dyn Backend>, name: &str) -> Result<bool, Fail> {
+        self.harness
+            .revoke_lock(handle, name)
+            .await
+            .ctx(format!("the harness's revoke_lock({name:?})"))
     }
 
     /// Requests `handle` has sent so far, if the harness counts them.

@@ -45,6 +45,23 @@ pub trait Harness: Send + Sync + 'static {
         let _ = handle;
         None
     }
+
+    /// True if [`revoke_lock`](Harness::revoke_lock) works. Cases that
+    /// delete a lock entry behind its holder's back are ignored otherwise,
+    /// with that reason.
+    fn revokes_locks(&self) -> bool {
+        false
+    }
+
+    /// Deletes lock `name`'s current entry behind its holder's back, as an
+    /// operator (or a server-side session expiry) would, through `handle`'s
+    /// backend. Returns whether it was held.
+    async fn revoke_lock(&self, handle: &Arc<dyn Backend>, name: &str) -> Result<bool> {
+        let _ = (handle, name);
+        Err(latchkey_core::Error::InvalidArgument(
+            "this harness cannot revoke locks".into(),
+        ))
+    }
 }
 
 #[async_trait]
@@ -61,8 +78,9 @@ where
 type Opener<B> = Box<dyn Fn(String) -> BoxFuture<'static, Result<Arc<B>>> + Send + Sync>;
 
 /// A harness over a concrete backend type `B` that can count each handle's
-/// requests, enabling the cases that measure them (e.g. that a lock waiter
-/// does not poll). With the mem backend:
+/// requests and revoke lock entries, enabling the cases that need them
+/// (a lock waiter does not poll; `lost()` fires when the entry is deleted
+/// behind the holder's back). With the mem backend:
 ///
 /// ```no_run
 /// use latchkey_conformance::harness::Instrumented;
@@ -74,13 +92,15 @@ type Opener<B> = Box<dyn Fn(String) -> BoxFuture<'static, Result<Arc<B>>> + Send
 ///         let store = store.clone();
 ///         async move { store.handle(&ns) }
 ///     })
-///     .with_op_count(MemBackend::op_count);
+///     .with_op_count(MemBackend::op_count)
+///     .with_revoke_lock(MemBackend::revoke_lock);
 ///     latchkey_conformance::run("mem", harness)
 /// }
 /// ```
 pub struct Instrumented<B> {
     open: Opener<B>,
     count: Option<fn(&B) -> u64>,
+    revoke: Option<fn(&B, &str) -> Result<bool>>,
     handles: Mutex<HashMap<usize, Weak<B>>>,
 }
 
@@ -94,6 +114,7 @@ impl<B: Backend + 'static> Instrumented<B> {
         Instrumented {
             open: Box::new(move |ns| Box::pin(open(ns))),
             count: None,
+            revoke: None,
             handles: Mutex::new(HashMap::new()),
         }
     }
@@ -102,6 +123,17 @@ impl<B: Backend + 'static> Instrumented<B> {
     pub fn with_op_count(mut self, count: fn(&B) -> u64) -> Self {
         self.count = Some(count);
         self
+    }
+
+    /// Revokes a lock entry (a fault hook) with `revoke`.
+    pub fn with_revoke_lock(mut self, revoke: fn(&B, &str) -> Result<bool>) -> Self {
+        self.revoke = Some(revoke);
+        self
+    }
+
+    fn handle(&self, handle: &Arc<dyn Backend>) -> Option<Arc<B>> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.get(&Self::key(handle))?.upgrade()
     }
 
     fn key<T: ?Sized>(p: &Arc<T>) -> usize {
@@ -125,8 +157,21 @@ impl<B: Backend + 'static> Harness for Instrumented<B> {
 
     fn op_count(&self, handle: &Arc<dyn Backend>) -> Option<u64> {
         let count = self.count?;
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        let b = handles.get(&Self::key(handle))?.upgrade()?;
+        let b = self.handle(handle)?;
         Some(count(&b))
+    }
+
+    fn revokes_locks(&self) -> bool {
+        self.revoke.is_some()
+    }
+
+    async fn revoke_lock(&self, handle: &Arc<dyn Backend>, name: &str) -> Result<bool> {
+        let unknown =
+            || latchkey_core::Error::InvalidArgument("not a handle of this harness".into());
+        let revoke = self.revoke.ok_or_else(|| {
+            latchkey_core::Error::InvalidArgument("this harness cannot revoke locks".into())
+        })?;
+        let b = self.handle(handle).ok_or_else(unknown)?;
+        revoke(&b, name)
     }
 }

@@ -111,7 +111,14 @@ async fn ignored_ttl_is_caught() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_never_firing_is_caught() {
-    caught(Bug::LostNeverFires, &["lock::abandoned_lease_expires"]).await;
+    caught(
+        Bug::LostNeverFires,
+        &[
+            "lock::abandoned_lease_expires",
+            "lock::revoked_entry_fires_lost",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

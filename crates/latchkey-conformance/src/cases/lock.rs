@@ -448,6 +448,52 @@ cases! {
         Ok(())
     }
 
+    /// A lock entry deleted behind its holder's back (an operator, a
+    /// server-side session expiry) fires the holder's `lost()` within TTL +
+    /// granularity; another handle then acquires it with a larger token,
+    /// and the old guard's fenced write fails while the new one's commits.
+    #[case("lock::revoked_entry_fires_lost", needs_revoke = true)]
+    async fn revoked(cx: Cx) -> CaseResult {
+        let (a, c, ops) = (cx.open().await?, cx.open().await?, cx.open().await?);
+        let ttl = cx.short_lock_ttl();
+        let old = must_lock(a.as_ref(), "x", LockOptions::ttl(ttl)).await?;
+        let was_held = cx.revoke_lock(&ops, "x").await?;
+        ensure!(was_held, "expected the harness to find lock x held when revoking it");
+        let bound = cx.expiry_bound(ttl);
+        tokio::time::timeout(bound, old.lost()).await.map_err(|_| {
+            Fail(format!(
+                "expected lost() to fire within {bound:?} of the entry's deletion"
+            ))
+        })?;
+        let new = c
+            .lock("x", cx.long_lock().with_wait(bound))
+            .await
+            .ctx("lock by another handle after the revocation")?;
+        ensure!(
+            new.fencing_token() > old.fencing_token(),
+            "expected the new holder's token > {}, got {}",
+            old.fencing_token(),
+            new.fencing_token()
+        );
+        let stale = c
+            .txn(TxnRequest::new().when([Compare::held(&old)]).then([Op::put("f", "old")]))
+            .await
+            .ctx("fenced write with the revoked guard")?;
+        ensure!(!stale.succeeded, "expected a fenced write with the revoked guard to fail");
+        let fresh = c
+            .txn(TxnRequest::new().when([Compare::held(&new)]).then([Op::put("f", "new")]))
+            .await
+            .ctx("fenced write with the new guard")?;
+        ensure!(fresh.succeeded, "expected the new holder's fenced write to commit");
+        old.release().await.ctx("release of the revoked guard")?;
+        ensure!(
+            !is_free(ops.as_ref(), "x", &cx.long_lock()).await?,
+            "expected the revoked guard's release to leave the new holder's lock alone"
+        );
+        new.release().await.ctx("release")?;
+        Ok(())
+    }
+
     /// After an abandoned lease expired and another handle took the lock,
     /// releasing the old guard is `Ok` and does not free the new holder's lock.
     #[case("lock::stale_release_spares_successor", destructive = true)]

@@ -81,6 +81,7 @@ pub fn instrumented(bug: Bug, caps: Option<Capabilities>) -> Instrumented<Broken
         }
     })
     .with_op_count(|b: &Broken| b.inner.op_count())
+    .with_revoke_lock(|b: &Broken, name: &str| b.inner.revoke_lock(name))
 }
 
 /// Like [`harness`], but a plain closure: it cannot count requests.
