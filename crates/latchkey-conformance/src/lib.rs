@@ -48,6 +48,13 @@
 //! watch::resume_replays_missed ... ignored`), never as passed. Each case
 //! runs in a fresh random namespace and deletes what it wrote.
 //!
+//! A few cases need more than handles: a count of each handle's requests
+//! (a lock waiter must not poll) and a fault hook that deletes a lock entry
+//! behind its holder's back (`lost()` must fire). A plain closure has
+//! neither, so those cases are reported ignored with that reason; wrap the
+//! factory in [`harness::Instrumented`] and give it the two functions where
+//! your backend can provide them.
+//!
 //! ## Modules
 //!
 //! | module | what it holds |
