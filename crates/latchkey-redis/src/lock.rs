@@ -143,12 +143,27 @@ impl RedisBackend {
         let owner = new_owner();
         let ms = ttl_ms(ttl);
         let mut sub: Option<Subscription> = None;
+        // A waiter rides out a short outage (a server restart) for up to
+        // one timeout, counted from the first failure in a row.
+        let mut failing_since: Option<Instant> = None;
         loop {
             if let Some(s) = sub.as_mut() {
                 s.mark_seen();
             }
             let sent = Instant::now();
-            match self.attempt_once(name, &owner, ms).await? {
+            let outcome = match self.attempt_once(name, &owner, ms).await {
+                Err(e) if e.is_transient() && sub.is_some() => {
+                    let since = *failing_since.get_or_insert(sent);
+                    if since.elapsed() < self.shared.conn.timeout() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                r => r?,
+            };
+            failing_since = None;
+            match outcome {
                 Attempt::Acquired(token) => {
                     return Ok(self.make_guard(name, owner, token, ttl, sent, turn))
                 }

@@ -216,9 +216,18 @@ impl Subscription {
         }
     }
 
-    /// Re-subscribes if the connection was replaced since.
+    /// Re-subscribes if the connection was replaced since; rides out a
+    /// short outage (a restart) for up to one timeout.
     pub(crate) async fn refresh(&mut self) -> Result<()> {
-        self.inner.ensure(&self.channel).await
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        loop {
+            match self.inner.ensure(&self.channel).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => return r,
+            }
+        }
     }
 }
 

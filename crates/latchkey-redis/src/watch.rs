@@ -241,7 +241,18 @@ impl State {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        let mut con = blocking_connection(&self.client, self.timeout).await?;
+        // Ride out a short outage (a restart) for up to one timeout before
+        // ending the watch with the error.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut con = loop {
+            match blocking_connection(&self.client, self.timeout).await {
+                Ok(c) => break c,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.con = None;
         let (current, trimmed, epoch) = start_point(&mut con, self.keys(), self.timeout).await?;
         self.con = Some(con);

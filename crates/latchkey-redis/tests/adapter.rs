@@ -68,9 +68,45 @@ async fn restart_recovers_and_fires_lost_for_vanished_locks() {
         .await
         .unwrap();
     let lost = guard.lost();
+    // A waiter of another handle, subscribed to the release channel.
+    let w = open(server.url(), "restart").await;
+    let waiter = tokio::spawn(async move {
+        let g = w
+            .lock("job", LockOptions::ttl(Duration::from_secs(30)))
+            .await;
+        (g, w)
+    });
+    eventually(
+        Duration::from_secs(2),
+        "the waiter to subscribe",
+        || async {
+            let mut con = raw(server.url()).await;
+            let n: u64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            let chans: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            (n == 0 && chans.len() == 1).then_some(())
+        },
+    )
+    .await;
 
     // No persistence: the restart wipes the lock key (and everything else).
     server.restart().expect("restart");
+
+    // The waiter's pub/sub connection died with the server: it reconnects,
+    // tries again and gets the lock whose key vanished.
+    let (g, _w) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter recovers after the restart")
+        .unwrap();
+    let g = g.expect("the waiter gets the vanished lock");
+    g.release().await.unwrap();
 
     // lost() fires when the next renewal finds the key gone (renewal runs
     // every TTL/3; the deadline is one TTL after the last success).
@@ -431,8 +467,9 @@ async fn many_locks_few_connections_one_renewal_call_per_tick() {
     let server = spawn_redis(RedisOptions::default()).expect("spawn redis");
     let h = open(server.url(), "many").await;
     let mut con = raw(server.url()).await;
-    // Long enough that a loaded 2-core machine renews in time.
-    let ttl = Duration::from_secs(2);
+    // Long enough that a loaded 2-core machine renews in time (taking
+    // 10,000 locks costs core's per-handle bookkeeping O(n) per lock).
+    let ttl = Duration::from_secs(6);
     let n = 10_000;
     let t = Instant::now();
     // Taken 32 at a time: the requests share (pipeline on) the one
@@ -453,8 +490,9 @@ async fn many_locks_few_connections_one_renewal_call_per_tick() {
     eprintln!("took {n} locks in {:?}", t.elapsed());
     let before = command_calls(&mut con).await;
     let t = Instant::now();
-    // Hold for 2.5 TTLs: every lock must be renewed several times.
-    tokio::time::sleep(ttl * 5 / 2).await;
+    // Hold for 3/4 TTL: every lock must be renewed at least twice (ticks
+    // come every TTL/3).
+    tokio::time::sleep(ttl * 3 / 4).await;
     let held_for = t.elapsed();
     let after = command_calls(&mut con).await;
     let lost: Vec<usize> = (0..guards.len()).filter(|i| guards[*i].is_lost()).collect();
@@ -466,16 +504,16 @@ async fn many_locks_few_connections_one_renewal_call_per_tick() {
     );
     let evalsha =
         after.get("evalsha").copied().unwrap_or(0) - before.get("evalsha").copied().unwrap_or(0);
-    // One renewal script per tick (TTL/3) for all the locks: about 7
-    // calls, not 10,000 × 7.
+    // One renewal script per tick (TTL/3) for all the locks: two or three
+    // calls, not 10,000 × 2.
     let ticks = (held_for.as_millis() / (ttl.as_millis() / 3)) as u64;
     assert!(
-        evalsha >= 3 && evalsha <= ticks + 3,
+        evalsha >= 2 && evalsha <= ticks + 2,
         "{evalsha} renewal calls in {ticks} ticks"
     );
     let pexpire =
         after.get("pexpire").copied().unwrap_or(0) - before.get("pexpire").copied().unwrap_or(0);
-    assert!(pexpire >= n * 3, "renewed {pexpire} keys");
+    assert!(pexpire >= n * 2, "renewed {pexpire} keys");
     // Connections: the raw one and the handle's command connection.
     let clients: String = redis::cmd("CLIENT")
         .arg("LIST")
