@@ -31,11 +31,35 @@
 //! | one holder/waiter of lock `x` | `…/locks/<escaped x>/_c_<uuid>-lock-<seq>` (ephemeral) |
 //!
 //! Revisions are `mzxid`s (global, never reused); fencing tokens are the
-//! lock entry's `czxid`. Writes are "read, decide, `multi` pinning what was
-//! read", retried when a pin fails (see [`kv`](crate) docs in the source);
-//! deletes leave tombstones so that versions never restart (ABA safety), at
-//! the cost of one small znode per deleted key. See [`lock`](crate) in the
-//! source for the lock recipe, TTLs and `lost()`.
+//! lock entry's `czxid`. Writes are "read, decide, one `multi` that pins
+//! what was read (by `dataVersion`, or absence by `create`+`delete`) and
+//! writes", re-read and retried when a pin fails, so value compares and
+//! transactions stay atomic. Deletes leave tombstones so that versions never
+//! restart (ABA safety), at the cost of one small znode per deleted key
+//! (see [`keys`]).
+//!
+//! ## Locks
+//! Curator's `InterProcessMutex` layout and ZooKeeper's recipe: an
+//! ephemeral-sequential entry with a protected (uuid) name, the lowest
+//! sequence holds, each waiter watches only its predecessor, a create whose
+//! reply was lost is found again by its uuid, a cancelled wait deletes its
+//! entry. The fencing token is the entry's `czxid`, never its sequence
+//! suffix. An entry lives as long as its session, so **each distinct lock
+//! TTL gets its own session** with that timeout; any number of locks and
+//! waiters share it. `lost()` fires when the entry is seen deleted, when
+//! the session expired, or once `TTL` has passed since the last request the
+//! session answered was *sent* (the server cannot have expired it before),
+//! e.g. while disconnected; a disconnection that recovers sooner is not a
+//! loss. `Compare::held(&guard)` checks in the `multi` that the entry still
+//! exists. Abandoning a guard stops its checks (its `lost()` fires at its
+//! deadline) and deletes the entry one TTL later, as the server would have
+//! had its holder died; closing the session instead would free every lock
+//! of that TTL at once.
+//!
+//! ## Sessions
+//! A handle has a main session (KV, txn, watch), re-opened by itself after
+//! it expired, plus one session per distinct lock TTL.
+//! [`ZookeeperBackend::requests`] counts the requests a handle sent.
 //!
 //! ## Limits
 //! - A transaction is one `multi`, bounded by `jute.maxbuffer` (1 MiB by

@@ -181,12 +181,7 @@ impl Locks {
             match sess.req().create(&prefix, &[], &create).await {
                 Ok((stat, seq)) => {
                     let path = format!("{prefix}{seq}");
-                    return Ok(Entry {
-                        name: path[dir.len() + 1..].to_string(),
-                        path,
-                        czxid: stat.czxid,
-                        cleanup,
-                    });
+                    return Ok(Entry::new(sess, dir, path, stat.czxid, cleanup));
                 }
                 Err(zk::Error::NoNode) => {
                     // The lock dir: persistent, never a container, so it is
@@ -208,12 +203,7 @@ impl Locks {
                         let path = format!("{dir}/{c}");
                         match sess.req().check_stat(&path).await {
                             Ok(Some(stat)) => {
-                                return Ok(Entry {
-                                    name: c,
-                                    path,
-                                    czxid: stat.czxid,
-                                    cleanup,
-                                })
+                                return Ok(Entry::new(sess, dir, path, stat.czxid, cleanup));
                             }
                             Ok(None) => continue,
                             Err(e) if is_transport(&e) => continue,
@@ -356,6 +346,26 @@ struct Entry {
     path: String,
     czxid: i64,
     cleanup: CancelOnDrop,
+}
+
+impl Entry {
+    /// The entry at `path`: from now on its cleanup deletes it by path (one
+    /// request) instead of searching for it by uuid.
+    fn new(
+        sess: &LockSession,
+        dir: &str,
+        path: String,
+        czxid: i64,
+        by_prefix: CancelOnDrop,
+    ) -> Entry {
+        by_prefix.disarm();
+        Entry {
+            name: path[dir.len() + 1..].to_string(),
+            cleanup: CancelOnDrop::new(delete_entry(sess.client.clone(), path.clone())),
+            path,
+            czxid,
+        }
+    }
 }
 
 enum Position {

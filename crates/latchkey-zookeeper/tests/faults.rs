@@ -343,3 +343,36 @@ async fn create_then_disconnect_leaves_no_orphan() {
         g.release().await.unwrap();
     }
 }
+
+/// The handle's main session expires (cut off longer than its timeout):
+/// calls fail with `Unavailable` meanwhile, and once the network heals the
+/// handle opens a new session by itself and works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn main_session_expiry_recovers() {
+    let server = spawn_zookeeper(options()).expect("zookeeper");
+    let proxy = FaultProxy::start(server.addr().unwrap()).expect("proxy");
+    let via = format!("zookeeper://{}", proxy.addr());
+    let ns = unique_namespace("zk-reopen");
+    let h = open(&via, &ns, "session_timeout=1s").await.expect("handle");
+    h.put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
+    let old = h.session_id();
+    proxy.black_hole();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.client().state() != zookeeper_client::SessionState::Expired {
+        assert!(
+            Instant::now() < deadline,
+            "the client never declared its session expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.pass();
+    let kv = retry("get after the session expired", || h.get("k")).await;
+    assert_eq!(kv.unwrap().value, Bytes::from("v"));
+    assert_ne!(
+        h.session_id(),
+        old,
+        "a new session replaced the expired one"
+    );
+}
