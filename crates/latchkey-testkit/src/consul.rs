@@ -27,6 +27,20 @@ impl ConsulTarget {
         &self.url
     }
 
+    /// The simulator's address (`None` for a real agent from the environment).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "consul-sim")]
+        {
+            self.sim
+                .as_ref()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).addr())
+        }
+        #[cfg(not(feature = "consul-sim"))]
+        {
+            None
+        }
+    }
+
     /// True when this is the simulator, not a real Consul agent.
     pub fn is_simulator(&self) -> bool {
         self.sim.is_some()

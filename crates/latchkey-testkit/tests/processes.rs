@@ -65,7 +65,7 @@ fn role_spawn_servers_then_exit() {
     child::send(&format!("dirs {}", dirs.join(" ")));
     match child::recv().as_deref() {
         Some("exit") => {}
-        Some("panic") => panic!("told to panic"),
+        Some("panic") => panic!("(expected) told to panic by the parent test"),
         _ => loop {
             std::thread::park();
         },
