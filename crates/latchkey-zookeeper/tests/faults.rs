@@ -376,3 +376,108 @@ async fn main_session_expiry_recovers() {
         "a new session replaced the expired one"
     );
 }
+
+/// Child side of [`paused_holder_process`]: holds lock `job` with a 1 s TTL
+/// until told to go on, then reports whether `lost()` fired and whether a
+/// fenced write still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_role() {
+    use latchkey_testkit::child;
+    if !child::is_child() {
+        return;
+    }
+    let url = std::env::var("ZK_HOLDER_URL").unwrap();
+    let ns = std::env::var("ZK_HOLDER_NS").unwrap();
+    let h = open(&url, &ns, "session_timeout=4s").await.unwrap();
+    let g = h
+        .lock("job", LockOptions::ttl(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let w = h
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g)])
+                .then([Op::put("out", "holder")]),
+        )
+        .await
+        .unwrap();
+    assert!(w.succeeded);
+    child::send(&format!("held {}", g.fencing_token()));
+    let go = tokio::task::spawn_blocking(child::recv).await.unwrap();
+    assert_eq!(go.as_deref(), Some("go"));
+    // Resumed after a pause longer than the TTL: lost() completes at once.
+    let lost = timeout(Duration::from_secs(2), g.lost()).await.is_ok();
+    let stale = retry("stale fenced write", || {
+        h.txn(
+            TxnRequest::new()
+                .when([Compare::held(&g)])
+                .then([Op::put("out", "stale")]),
+        )
+    })
+    .await;
+    child::send(&format!("lost={lost} stale_committed={}", stale.succeeded));
+    let _ = tokio::task::spawn_blocking(child::recv).await;
+}
+
+/// The holder's *process* is frozen (SIGSTOP) past its session timeout, as a
+/// GC pause would: the next waiter gets the lock with a larger token; when
+/// the holder resumes, its `lost()` has fired and its fenced write fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_holder_process() {
+    use latchkey_testkit::child::ChildProcess;
+    let server = spawn_zookeeper(options()).expect("zookeeper");
+    let ns = unique_namespace("zk-pause");
+    let mut holder = ChildProcess::spawn_test(
+        "holder_role",
+        &[
+            ("ZK_HOLDER_URL", server.url()),
+            ("ZK_HOLDER_NS", ns.as_str()),
+        ],
+    )
+    .expect("spawn holder");
+    let held = holder
+        .recv(Duration::from_secs(30))
+        .expect("holder reports");
+    let t1: u64 = held
+        .strip_prefix("held ")
+        .expect("held <token>")
+        .parse()
+        .unwrap();
+    let other = open(server.url(), &ns, "").await.expect("other");
+    let waiter = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            other
+                .lock("job", LockOptions::ttl(Duration::from_secs(4)))
+                .await
+        })
+    };
+    holder.pause().expect("SIGSTOP");
+    let g2 = timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter gets the lock while the holder is frozen")
+        .unwrap()
+        .expect("lock");
+    assert!(g2.fencing_token() > t1);
+    let fresh = other
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g2)])
+                .then([Op::put("out", "successor")]),
+        )
+        .await
+        .unwrap();
+    assert!(fresh.succeeded);
+    holder.resume().expect("SIGCONT");
+    holder.send("go").unwrap();
+    let report = holder
+        .recv(Duration::from_secs(30))
+        .expect("holder reports again");
+    assert_eq!(report, "lost=true stale_committed=false");
+    assert_eq!(
+        other.get("out").await.unwrap().unwrap().value,
+        Bytes::from("successor")
+    );
+    g2.release().await.unwrap();
+    let _ = holder.send("quit");
+}
