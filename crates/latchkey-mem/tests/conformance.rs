@@ -1,14 +1,20 @@
 //! The shared conformance suite over one shared [`MemStore`]: every case
 //! gets a fresh handle in its own namespace, as a separate client would.
+//! Instrumented, so the cases that count requests (no polling) and revoke a
+//! holder's entry behind its back run too.
 
-use latchkey_core::Backend;
-use latchkey_mem::MemStore;
-use std::sync::Arc;
+use latchkey_conformance::harness::Instrumented;
+use latchkey_mem::{MemBackend, MemStore};
 
 fn main() -> std::process::ExitCode {
     let store = MemStore::new();
-    latchkey_conformance::run("mem", move |ns: String| {
-        let store = store.clone();
-        async move { Ok(store.handle(&ns)? as Arc<dyn Backend>) }
-    })
+    latchkey_conformance::run(
+        "mem",
+        Instrumented::new(move |ns: String| {
+            let store = store.clone();
+            async move { store.handle(&ns) }
+        })
+        .with_op_count(MemBackend::op_count)
+        .with_revoke_lock(MemBackend::revoke_lock),
+    )
 }
