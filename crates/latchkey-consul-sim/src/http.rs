@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     pub acl_token: Mutex<Option<String>>,
     pub ttl_multiplier: Mutex<f64>,
     pub unavailable: AtomicBool,
+    /// Apply recent agents' KV key-name validation (see
+    /// [`validate_kv_key`]); off by default.
+    pub strict_keys: AtomicBool,
     pub datacenter: String,
 }
 
@@ -60,6 +63,7 @@ impl Shared {
             acl_token: Mutex::new(None),
             ttl_multiplier: Mutex::new(1.0),
             unavailable: AtomicBool::new(false),
+            strict_keys: AtomicBool::new(false),
             datacenter: "dc1".into(),
         }
     }
@@ -633,6 +637,11 @@ async fn kv(
         Ok(o) => o,
         Err(r) => return r,
     };
+    if sh.strict_keys.load(Ordering::SeqCst) && !key.is_empty() {
+        if let Err(why) = validate_kv_key(key) {
+            return text(StatusCode::BAD_REQUEST, why);
+        }
+    }
     match *m {
         Method::GET => kv_get(sh, key, q, &opts, pretty).await,
         Method::PUT => kv_put(sh, key, q, headers, body, pretty).await,
@@ -686,6 +695,47 @@ async fn kv_get(sh: &Shared, key: &str, q: &Query, opts: &ReadOpts, pretty: bool
         json_body(StatusCode::OK, &vec![entry_json(&e, true)], pretty),
         idx,
     )
+}
+
+/// The key-name validation that Consul 1.21.5 added to the KV endpoint
+/// (hashicorp/consul PR #22682; issues #22822, #22835; being reworked in
+/// PR #22863), as `validateKVKey` in agent/kvs_endpoint.go has it at the
+/// newest version we read: ASCII letters, digits and `,-_./` only, no
+/// leading `/`, no `../`, and no "suspicious" file extension at the end.
+/// Released versions differ in the details (1.21.5 itself answered 500 with
+/// a regex in the message); this is opt-in so adapters can check their key
+/// encoding against the strictest rules.
+pub(crate) fn validate_kv_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("key cannot be empty".into());
+    }
+    if key.starts_with('/') {
+        return Err("key must not begin with a '/'".into());
+    }
+    for (i, c) in key.char_indices() {
+        if !(c.is_ascii_alphanumeric() || matches!(c, ',' | '-' | '_' | '.' | '/')) {
+            return Err(format!(
+                "key contains invalid character '{c}' at position {i}. Only alphanumeric characters and ,-_./ are allowed"
+            ));
+        }
+    }
+    if key.contains("../") || key.contains("..\\") {
+        return Err("key contains path traversal sequence".into());
+    }
+    const SUSPICIOUS: &[&str] = &[
+        ".js", ".css", ".html", ".htm", ".xml", ".json", ".txt", ".log", ".php", ".asp", ".jsp",
+        ".cgi", ".pl", ".py", ".rb", ".sh", ".exe", ".dll", ".bat", ".cmd", ".com", ".scr", ".vbs",
+        ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx", ".zip", ".rar", ".tar", ".gz",
+        ".7z", ".bz2", ".jpg", ".jpeg", ".png", ".gif", ".svg", ".ico", ".bmp", ".mp3", ".mp4",
+        ".avi", ".mov", ".wmv", ".flv", ".swf", ".woff", ".woff2", ".ttf", ".eot", ".otf",
+    ];
+    let lower = key.to_ascii_lowercase();
+    if let Some(ext) = SUSPICIOUS.iter().find(|e| lower.ends_with(*e)) {
+        return Err(format!(
+            "key contains suspicious file extension '{ext}' that may be cached by proxies"
+        ));
+    }
+    Ok(())
 }
 
 /// `conflictingFlags`.

@@ -68,9 +68,16 @@
 //! Multiple servers, leader changes, stale reads (`?stale` is accepted and
 //! answers like `?consistent`), ACL policies (one all-powerful token),
 //! catalog/health/agent endpoints, node/service/check txn ops, snapshot
-//! restore (index going backwards), tombstone reaping, and the key-character
-//! validation added to very recent agents (`validateKVKey`): the simulator
-//! accepts any key, as the API docs describe.
+//! restore (index going backwards) and tombstone reaping.
+//!
+//! ## Key names
+//! By default any key is accepted, as the API docs describe (paths are
+//! percent-decoded; `//`, `/./` and `/../` are redirected as Go's
+//! `http.ServeMux` does). Consul 1.21.5 started rejecting many characters in
+//! KV key names (hashicorp/consul PR #22682, issues #22822 and #22835; PR
+//! #22863 reworks the rules); [`ConsulSim::set_strict_key_validation`]
+//! applies the strictest version of those rules so an adapter can check its
+//! key encoding against them.
 
 #![warn(missing_docs)]
 
@@ -214,6 +221,18 @@ impl ConsulSim {
     pub fn set_unavailable(&self, on: bool) {
         self.shared
             .unavailable
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Applies the KV key-name validation of recent agents (Consul 1.21.5
+    /// added it in a patch release, hashicorp/consul PR #22682; later
+    /// versions rework it): keys with characters other than ASCII letters,
+    /// digits and `,-_./`, a leading `/`, `../`, or a file-like extension
+    /// such as `.json` are answered `400`. Off by default, as the API docs
+    /// allow any key.
+    pub fn set_strict_key_validation(&self, on: bool) {
+        self.shared
+            .strict_keys
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 

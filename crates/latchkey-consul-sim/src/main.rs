@@ -1,4 +1,4 @@
-//! `latchkey-consul-sim [--port N] [--ttl-multiplier M] [--acl-token T]`:
+//! `latchkey-consul-sim [--port N] [--ttl-multiplier M] [--acl-token T] [--strict-keys]`:
 //! runs the Consul HTTP-API **simulator** (not Consul) on 127.0.0.1 until
 //! killed, printing its URL (`consul://127.0.0.1:N`) on stdout. Used by
 //! `cargo xtask services up` so examples and the CLI can talk to it.
@@ -7,7 +7,7 @@ use latchkey_consul_sim::ConsulSim;
 use std::net::SocketAddr;
 
 fn usage() -> ! {
-    eprintln!("usage: latchkey-consul-sim [--port N] [--ttl-multiplier M] [--acl-token T]");
+    eprintln!("usage: latchkey-consul-sim [--port N] [--ttl-multiplier M] [--acl-token T] [--strict-keys]");
     std::process::exit(2);
 }
 
@@ -15,6 +15,7 @@ fn main() {
     let mut port: u16 = 8500;
     let mut multiplier: Option<f64> = None;
     let mut token: Option<String> = None;
+    let mut strict = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -32,6 +33,7 @@ fn main() {
                 )
             }
             "--acl-token" => token = Some(args.next().unwrap_or_else(|| usage())),
+            "--strict-keys" => strict = true,
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -46,6 +48,7 @@ fn main() {
     if let Some(m) = multiplier {
         sim.set_ttl_multiplier(m);
     }
+    sim.set_strict_key_validation(strict);
     if token.is_some() {
         sim.set_acl_token(token);
     }

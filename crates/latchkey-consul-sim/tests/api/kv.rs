@@ -392,3 +392,26 @@ async fn url_addr_and_drop_frees_the_port() {
     let again = latchkey_consul_sim::ConsulSim::start_on(addr).expect("port free after drop");
     assert_eq!(again.addr(), addr);
 }
+
+#[tokio::test]
+async fn strict_key_validation_rejects_what_recent_agents_reject() {
+    let s = sim();
+    // Off by default: anything goes.
+    assert!(s.put_bool("/v1/kv/a~b%20c", "v").await);
+    s.sim.set_strict_key_validation(true);
+    let r = s.put("/v1/kv/a~b", "v").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.text(),
+        "key contains invalid character '~' at position 1. Only alphanumeric characters and ,-_./ are allowed"
+    );
+    assert_eq!(s.get("/v1/kv/a~b%20c").await.status, 400, "reads too");
+    let r = s.get("/v1/kv/cfg/app.json").await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("'.json'"), "{}", r.text());
+    assert!(s.put_bool("/v1/kv/ok/Key-1_2,3.v", "v").await);
+    // Listing the root needs no key.
+    assert_eq!(s.get("/v1/kv/?keys").await.status, 200);
+    s.sim.set_strict_key_validation(false);
+    assert_eq!(s.get("/v1/kv/a~b%20c").await.status, 200);
+}
