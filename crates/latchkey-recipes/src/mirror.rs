@@ -14,10 +14,14 @@
 //! resync ([`Mirror::resyncs`], [`Snapshot::generation`]). Readers always
 //! see one whole [`Snapshot`]; never a mix of two states.
 //!
+//! On backends whose watch coalesces events (`!watch_every_revision`,
+//! e.g. ZooKeeper) the watch is only a wake-up: each wake-up lists the
+//! prefix again (reading the store's revision first) and swaps the copy,
+//! so intermediate values may be skipped but every state shown is one the
+//! store had.
+//!
 //! A mirror's reads are as fresh as the backend's watch: stale by the
-//! watch's delivery delay, and on backends that coalesce watch events
-//! (`!watch_every_revision`) intermediate values may be skipped (the final
-//! state is always reached). Use [`Mirror::wait_for`] to read your own
+//! watch's delivery delay. Use [`Mirror::wait_for`] to read your own
 //! write through the mirror. Each applied batch of events copies the map
 //! (snapshots are immutable): meant for configuration-sized prefixes.
 
@@ -257,22 +261,52 @@ impl Working {
     }
 }
 
-/// Opens a watch, then lists, then reads the store's revision.
-async fn sync(backend: &Arc<dyn Backend>, prefix: &str) -> Result<(WatchStream, Working)> {
-    let watch = backend.watch(prefix, None).await?;
-    let list = backend.list(prefix, Default::default()).await?;
+/// The store's current revision, as a read-only transaction reports it
+/// (0 if it cannot say).
+async fn store_revision(backend: &Arc<dyn Backend>, prefix: &str) -> Revision {
     let probe = if prefix.is_empty() {
         "latchkey-mirror-probe".to_string()
     } else {
         prefix.to_string()
     };
-    let after = match backend.txn(TxnRequest::new().then([Op::get(probe)])).await {
+    match backend.txn(TxnRequest::new().then([Op::get(probe)])).await {
         Ok(o) => o.revision,
         Err(e) => {
             tracing::debug!(error = %e, "mirror: could not read the store revision");
             0
         }
+    }
+}
+
+/// A fresh copy from one listing, for backends whose watch coalesces: the
+/// revision is read *before* the listing, so every write up to it (and up
+/// to the newest revision listed) is in the copy.
+async fn relist(backend: &Arc<dyn Backend>, prefix: &str) -> Result<Working> {
+    let before = store_revision(backend, prefix).await;
+    let list = backend.list(prefix, Default::default()).await?;
+    let max_listed = list.iter().map(|kv| kv.revision).max().unwrap_or(0);
+    let mut work = Working {
+        map: BTreeMap::new(),
+        seen: HashMap::new(),
+        listed_at: before.max(max_listed),
+        pending: HashMap::new(),
+        applied: 0,
     };
+    for kv in list {
+        work.seen.insert(kv.key.clone(), kv.revision);
+        work.map.insert(kv.key.clone(), kv);
+    }
+    Ok(work)
+}
+
+/// Opens a watch, then lists, then reads the store's revision.
+async fn sync(backend: &Arc<dyn Backend>, prefix: &str) -> Result<(WatchStream, Working)> {
+    let watch = backend.watch(prefix, None).await?;
+    if !backend.capabilities().watch_every_revision {
+        return Ok((watch, relist(backend, prefix).await?));
+    }
+    let list = backend.list(prefix, Default::default()).await?;
+    let after = store_revision(backend, prefix).await;
     let max_listed = list.iter().map(|kv| kv.revision).max().unwrap_or(0);
     let mut work = Working {
         map: BTreeMap::new(),
@@ -298,21 +332,37 @@ async fn follow(
     last_error: Arc<Mutex<Option<String>>>,
 ) {
     let mut generation = 0;
+    // A coalescing watch is only a wake-up: each wake-up re-lists, so
+    // every published state is one the store had.
+    let coalesced = !backend.capabilities().watch_every_revision;
     loop {
-        // Apply everything that is ready, then publish once.
+        // Apply everything that is ready, then publish once. The events of
+        // one transaction share a revision and usually arrive together;
+        // give the watch one more turn to deliver the rest of them.
         let first = watch.next().await;
         let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match watch.next().now_or_never() {
-                Some(item) => batch.push(item),
-                None => break,
+        for round in 0..2 {
+            while batch.len() < 1024 {
+                match watch.next().now_or_never() {
+                    Some(item) => batch.push(item),
+                    None => break,
+                }
+            }
+            if round == 0 {
+                tokio::task::yield_now().await;
             }
         }
         let mut broken = None;
         let before = work.label();
+        let mut woke = false;
         for item in batch {
             match item {
-                Some(Ok(ev)) if ev.key.starts_with(&prefix) => work.apply(ev),
+                Some(Ok(ev)) if ev.key.starts_with(&prefix) => {
+                    woke = true;
+                    if !coalesced {
+                        work.apply(ev);
+                    }
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     broken = Some(e.to_string());
@@ -322,6 +372,12 @@ async fn follow(
                     broken = Some("the watch ended".into());
                     break;
                 }
+            }
+        }
+        if coalesced && woke && broken.is_none() {
+            match relist(&backend, &prefix).await {
+                Ok(fresh) => work = fresh,
+                Err(e) => broken = Some(e.to_string()),
             }
         }
         if broken.is_none() || work.label() != before {

@@ -148,7 +148,15 @@ impl Semaphore {
             || format!("waiting for a permit of semaphore {name:?}"),
             async {
                 self.check_limit(name, permits_total).await?;
-                if let Some(p) = self.try_slots(name, permits_total).await? {
+                // The pass over the slots runs to completion even if this
+                // future is dropped meanwhile: a permit it takes is then
+                // dropped (released) instead of depending on every
+                // adapter's `try_lock` being safe to cancel mid-flight.
+                let (me, n) = (self.clone(), name.to_string());
+                let first = tokio::spawn(async move { me.try_slots(&n, permits_total).await })
+                    .await
+                    .map_err(|e| Error::unavailable(self.backend.name(), e))??;
+                if let Some(p) = first {
                     return Ok(p);
                 }
                 let waits = (0..permits_total).map(|slot| {

@@ -41,6 +41,7 @@ pub(crate) mod fence;
 pub(crate) mod input;
 pub(crate) mod kv;
 pub(crate) mod lock;
+pub(crate) mod recipes;
 pub(crate) mod ttl;
 pub(crate) mod txn;
 pub(crate) mod watch;
@@ -55,5 +56,6 @@ pub(crate) fn all() -> Vec<Case> {
     v.extend(watch::cases());
     v.extend(ttl::cases());
     v.extend(input::cases());
+    v.extend(recipes::cases());
     v
 }

@@ -302,11 +302,13 @@ cases! {
         let clock = Clock::new();
         let inside = Arc::new(AtomicUsize::new(0));
         let abandons = Arc::new(AtomicUsize::new(0));
+        // The most holders ever seen inside at once, live.
+        let crowd = Arc::new(AtomicUsize::new(0));
         let ttl = cx.short_lock_ttl();
         let mut tasks = Vec::new();
         for task in 0..8usize {
             let sem = Semaphore::new(hs[task % 4].clone()).with_ttl(ttl);
-            let (inside, abandons) = (inside.clone(), abandons.clone());
+            let (inside, abandons, crowd) = (inside.clone(), abandons.clone(), crowd.clone());
             let seed: u64 = rand::random();
             tasks.push(tokio::spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -327,7 +329,7 @@ cases! {
                     inside.fetch_sub(1, Ordering::SeqCst);
                     let released = clock.now();
                     hist.push(Holding { lock: format!("slot-{}", p.slot()), client: task, token: p.fencing_token(), acquired, released });
-                    ensure!(others < N, "expected at most {N} holders, task {task} found {others} others inside");
+                    crowd.fetch_max(others + 1, Ordering::SeqCst);
                     if rng.random_range(0..10) == 0 && abandons.fetch_add(1, Ordering::SeqCst) < 2 {
                         // Crash: stop renewing; the permit must come back after its TTL.
                         p.abandon().await;
@@ -341,6 +343,8 @@ cases! {
         let history: Vec<Holding> = join_all(tasks).await?.into_iter().flatten().collect();
         check_at_most(N, &history).map_err(|m| Fail(format!("expected at most {N} permit holders at once: {m}")))?;
         check_exclusion(&history).map_err(|v| Fail(format!("expected each permit to have one holder at a time with increasing tokens: {v}")))?;
+        let most = crowd.load(Ordering::SeqCst);
+        ensure!(most <= N, "expected at most {N} holders inside at once, saw {most}");
         // Every permit is free again (abandoned ones after their TTL).
         let sem = Semaphore::new(cx.open().await?).with_ttl(cx.long_lock_ttl()).with_wait(cx.expiry_bound(ttl) * 2);
         let mut all = Vec::new();
@@ -402,15 +406,20 @@ cases! {
                 "expected waiter {i} to wait while both permits are held");
             tasks.push(t);
         }
-        p0.release().await.ctx("release")?;
-        let first = tokio::time::timeout(cx.wake_bound() * 2, &mut tasks[0]).await
-            .map_err(|_| Fail("expected the first waiter to get the freed permit".into()))?
-            .map_err(|e| Fail(format!("panicked: {e}")))??;
-        p1.release().await.ctx("release")?;
-        first.release().await.ctx("release")?;
-        let rest = join_all(tasks.split_off(1)).await?;
-        ensure_eq!(order.lock().unwrap_or_else(|p| p.into_inner()).clone(), vec![1, 2, 3], "the order in which the waiters got permits");
-        for p in rest {
+        // Free one permit at a time: each must go to the longest waiter.
+        let mut held = vec![p1, p0];
+        let mut got = Vec::new();
+        for (i, t) in tasks.iter_mut().enumerate() {
+            let freed = held.pop().ok_or_else(|| Fail("no permit left to free".into()))?;
+            freed.release().await.ctx("release")?;
+            let p = tokio::time::timeout(cx.wake_bound() * 2, &mut *t).await
+                .map_err(|_| Fail(format!("expected waiter {} (the longest waiting) to get the freed permit", i + 1)))?
+                .map_err(|e| Fail(format!("panicked: {e}")))??;
+            held.insert(0, p);
+            got.push(i + 1);
+            ensure_eq!(order.lock().unwrap_or_else(|p| p.into_inner()).clone(), got, "the waiters served so far");
+        }
+        for p in held {
             p.release().await.ctx("release")?;
         }
         Ok(())
