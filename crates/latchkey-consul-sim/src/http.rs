@@ -68,10 +68,15 @@ impl Shared {
         }
     }
 
+    /// The store, with expired sessions already invalidated.
     pub fn store(&self) -> MutexGuard<'_, Store> {
         // A panic while holding the lock cannot leave the store half
         // written (mutations are single steps or undone), so keep going.
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        let mut st = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if st.reap(Instant::now()) {
+            self.notify(&st);
+        }
+        st
     }
 
     /// Wakes every blocking query; call while holding the store lock.
@@ -101,19 +106,8 @@ impl Shared {
 /// that deadlines changed) and invalidates what has expired.
 pub(crate) async fn reaper(sh: Arc<Shared>) {
     loop {
-        let next = {
-            let mut st = sh.store();
-            let now = Instant::now();
-            let expired = st.expired_sessions(now);
-            for id in &expired {
-                st.invalidate_session(id, now);
-                tracing::debug!(session = %id, "consul simulator: session TTL expired");
-            }
-            if !expired.is_empty() {
-                sh.notify(&st);
-            }
-            st.next_deadline()
-        };
+        // `store()` reaps what has expired.
+        let next = sh.store().next_deadline();
         match next {
             Some(at) => {
                 tokio::select! {
@@ -566,6 +560,8 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
             }
             let mult = sh.multiplier();
             let renewed = sh.store().renew_session(id, Instant::now(), mult);
+            // The multiplier may have shrunk since: let the reaper re-plan.
+            sh.timers.notify_one();
             match renewed {
                 Some(s) => json_body(StatusCode::OK, &vec![session_json(&s)], pretty),
                 None => text(

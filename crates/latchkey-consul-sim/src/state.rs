@@ -113,6 +113,9 @@ pub(crate) struct Store {
     lock_delay: HashMap<String, Instant>,
     /// Undo log while a txn runs.
     undo: Option<Vec<Undo>>,
+    /// No TTL deadline is earlier than this (may be stale-early after a
+    /// renew; then a reap pass finds nothing and recomputes it).
+    earliest: Option<Instant>,
     pub node_name: String,
 }
 
@@ -129,6 +132,7 @@ impl Store {
             sessions: BTreeMap::new(),
             lock_delay: HashMap::new(),
             undo: None,
+            earliest: None,
             node_name: "latchkey-consul-sim".into(),
         }
     }
@@ -424,6 +428,9 @@ impl Store {
     }
 
     pub fn insert_session(&mut self, s: Session) {
+        if let Some(d) = s.deadline {
+            self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
+        }
         self.sessions_index = self.sessions_index.max(s.modify_index);
         self.sessions.insert(s.id.clone(), s);
     }
@@ -432,7 +439,11 @@ impl Store {
     pub fn renew_session(&mut self, id: &str, now: Instant, multiplier: f64) -> Option<Session> {
         let s = self.sessions.get_mut(id)?;
         s.deadline = s.ttl.map(|t| now + t.mul_f64(multiplier));
-        Some(s.clone())
+        let s = s.clone();
+        if let Some(d) = s.deadline {
+            self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
+        }
+        Some(s)
     }
 
     /// Destroys a session (explicitly, by TTL, or by a test hook):
@@ -471,13 +482,26 @@ impl Store {
         true
     }
 
-    /// IDs of sessions whose TTL timer has fired.
-    pub fn expired_sessions(&self, now: Instant) -> Vec<String> {
-        self.sessions
+    /// Invalidates every session whose TTL deadline has passed. Run on
+    /// every access to the store (cheap unless a deadline passed), so a
+    /// session is gone exactly at its deadline whatever the reaper task's
+    /// scheduling; true if anything changed.
+    pub fn reap(&mut self, now: Instant) -> bool {
+        if !self.earliest.is_some_and(|e| e <= now) {
+            return false;
+        }
+        let expired: Vec<String> = self
+            .sessions
             .values()
             .filter(|s| s.deadline.is_some_and(|d| d <= now))
             .map(|s| s.id.clone())
-            .collect()
+            .collect();
+        for id in &expired {
+            self.invalidate_session(id, now);
+            tracing::debug!(session = %id, "consul simulator: session TTL expired");
+        }
+        self.earliest = self.next_deadline();
+        !expired.is_empty()
     }
 
     /// The next TTL deadline.
