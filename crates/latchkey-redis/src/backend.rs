@@ -208,7 +208,7 @@ impl KvStore for RedisBackend {
             validate::ttl(t)?;
         }
         let l = &self.shared.layout;
-        let keys = [l.rev(), l.index(), l.log(), l.kv(key)];
+        let keys = [l.rev(), l.index(), l.log(), l.ttl(), l.kv(key)];
         let ttl = opts.ttl.map_or(0, ttl_ms);
         let if_rev = opts.if_revision.map_or(String::new(), |r| r.to_string());
         let absent = if opts.if_absent { "1" } else { "0" };
@@ -238,7 +238,7 @@ impl KvStore for RedisBackend {
     async fn delete(&self, key: &str, opts: DeleteOptions) -> Result<bool> {
         validate::key(key)?;
         let l = &self.shared.layout;
-        let keys = [l.rev(), l.index(), l.log(), l.kv(key)];
+        let keys = [l.rev(), l.index(), l.log(), l.ttl(), l.kv(key)];
         let if_rev = opts.if_revision.map_or(String::new(), |r| r.to_string());
         let history = self.shared.history;
         let (ok, n): (i64, u64) = self
@@ -365,7 +365,7 @@ impl Txn for RedisBackend {
         }
         let l = &self.shared.layout;
         let mut a = TxnArgs {
-            keys: vec![l.rev(), l.index(), l.log()],
+            keys: vec![l.rev(), l.index(), l.log(), l.ttl()],
             key_pos: HashMap::new(),
             args: Vec::new(),
         };
@@ -493,9 +493,6 @@ impl Backend for RedisBackend {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::full();
-        // Expiry deletes the key inside Redis; nothing writes a change
-        // event for it, so a watch never sees it (list and get do).
-        c.watch_reports_expiry = false;
         c.min_ttl = MIN_TTL;
         c.ttl_granularity = TTL_GRANULARITY;
         c.max_txn_ops = MAX_TXN_OPS;

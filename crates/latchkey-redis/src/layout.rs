@@ -43,6 +43,12 @@ impl Layout {
         format!("{}idx", self.prefix)
     }
 
+    /// The expiry schedule: user key -> deadline (ms, server time) of every
+    /// key with a TTL, so expiries become delete events.
+    pub(crate) fn ttl(&self) -> String {
+        format!("{}ttl", self.prefix)
+    }
+
     /// The change stream watches read (entry id `<revision>-<n>`).
     pub(crate) fn log(&self) -> String {
         format!("{}log", self.prefix)

@@ -50,7 +50,8 @@
 //! | `latchkey:{ns}:rev` | string | the namespace's revision counter (`INCR` per write) |
 //! | `latchkey:{ns}:kv:<key>` | hash | `v` value, `r` revision, `t` TTL in ms (with `PEXPIRE`) |
 //! | `latchkey:{ns}:idx` | sorted set | every key of the namespace, score 0, so `list(prefix)` is one `ZRANGEBYLEX` (never `SCAN`) |
-//! | `latchkey:{ns}:log` | stream | one entry per change, id `<revision>-<n>`, fields `k`, `e` (`p`/`d`), `v` |
+//! | `latchkey:{ns}:ttl` | sorted set | every key with a TTL, scored by its deadline (ms, server time), for the expiry sweep |
+//! | `latchkey:{ns}:log` | stream | one entry per change, id `<revision>-<n>`, fields `k`, `e` (`p`/`d`), `v`, `t` (TTL of a put) |
 //! | `latchkey:{ns}:epoch` | string | a random id set by the first watch; gone with the data, so watches notice lost history |
 //! | `latchkey:{ns}:lock:<name>` | string | the holder's owner id, with a PX expiry |
 //! | `latchkey:{ns}:fence:<name>` | string | the lock's fencing counter (kept forever) |
@@ -72,8 +73,13 @@
 //!   of one namespace (`global_revision`), never across namespaces.
 //! - **TTL keys** expire natively (`PEXPIRE`, millisecond precision, the
 //!   server's clock). `get` and `list` never show an expired key; `list`
-//!   drops stale index entries as it meets them. **A watch sees no event for
-//!   an expiry** (`watch_reports_expiry = false`): nothing runs at that moment.
+//!   drops stale index entries as it meets them. The write scripts also
+//!   record each TTL key's deadline in an expiry schedule; every open watch
+//!   (of any handle) wakes at the next deadline and runs a sweep script that
+//!   turns each key Redis has expired into a delete event with a new
+//!   revision, exactly once. With no watch open, the expiries that happened
+//!   meanwhile become events when the next watch starts (so a watch resuming
+//!   from an old revision sees them, at revisions later than the expiry).
 //! - **Watches** read the stream from any revision still in it; older is
 //!   `Compacted`. A watch whose history the server lost (restart without
 //!   persistence) ends with `Compacted` too.

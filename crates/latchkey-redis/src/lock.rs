@@ -190,6 +190,34 @@ impl RedisBackend {
         }
     }
 
+    /// Deletes lock `name` of this namespace whoever holds it, as an
+    /// operator running `DEL` on its key would, and wakes its waiters. The
+    /// holder's `lost()` fires at its next renewal. Returns whether it was
+    /// held. A fault hook for tests: it blocks the calling thread for one
+    /// round trip on a connection of its own (so it also works where no
+    /// async runtime is at hand).
+    pub fn revoke_lock(&self, name: &str) -> Result<bool> {
+        validate::lock_name(name)?;
+        let timeout = self.shared.conn.timeout();
+        let mut con = self
+            .shared
+            .conn
+            .client()
+            .get_connection_with_timeout(timeout)
+            .map_err(|e| crate::conn::map_err(&e))?;
+        let _ = con.set_read_timeout(Some(timeout));
+        let (deleted, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(self.shared.layout.lock(name))
+            .cmd("PUBLISH")
+            .arg(self.shared.layout.released(name))
+            .arg("revoked")
+            .query(&mut con)
+            .map_err(|e| crate::conn::map_err(&e))?;
+        Ok(deleted == 1)
+    }
+
     /// Number of release channels this handle listens on: one per lock
     /// name that has a waiter. Tests use it to show that a cancelled waiter
     /// leaves nothing behind.

@@ -13,60 +13,70 @@ use redis::Script;
 use std::sync::OnceLock;
 
 /// Helpers shared by the write scripts. `KEYS[1]` is the revision counter,
-/// `KEYS[2]` the key index and `KEYS[3]` the change stream.
+/// `KEYS[2]` the key index, `KEYS[3]` the change stream and `KEYS[4]` the
+/// expiry schedule (a sorted set: key -> deadline in ms, server time).
 const PRELUDE: &str = r#"
 local function cur_rev(k)
   local r = redis.call('HGET', k, 'r')
   if r then return tonumber(r) end
   return 0
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function kv_put(k, ukey, val, ttl, rev, seq, maxlen)
   local rs = string.format('%d', rev)
+  local id = string.format('%d-%d', rev, seq)
   redis.call('DEL', k)
+  redis.call('ZADD', KEYS[2], 0, ukey)
   if ttl > 0 then
-    redis.call('HSET', k, 'v', val, 'r', rs, 't', string.format('%d', ttl))
-    redis.call('PEXPIRE', k, string.format('%d', ttl))
+    local ts = string.format('%d', ttl)
+    redis.call('HSET', k, 'v', val, 'r', rs, 't', ts)
+    redis.call('PEXPIRE', k, ts)
+    redis.call('ZADD', KEYS[4], string.format('%d', now_ms() + ttl), ukey)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, id, 'k', ukey, 'e', 'p', 'v', val, 't', ts)
   else
     redis.call('HSET', k, 'v', val, 'r', rs)
+    redis.call('ZREM', KEYS[4], ukey)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, id, 'k', ukey, 'e', 'p', 'v', val)
   end
-  redis.call('ZADD', KEYS[2], 0, ukey)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen,
-    string.format('%d-%d', rev, seq), 'k', ukey, 'e', 'p', 'v', val)
 end
 local function kv_del(k, ukey, rev, seq, maxlen)
   redis.call('DEL', k)
   redis.call('ZREM', KEYS[2], ukey)
+  redis.call('ZREM', KEYS[4], ukey)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen,
     string.format('%d-%d', rev, seq), 'k', ukey, 'e', 'd')
 end
 "#;
 
-/// put: KEYS rev idx log kv; ARGV ukey value ttl_ms if_absent(0/1)
+/// put: KEYS rev idx log ttl kv; ARGV ukey value ttl_ms if_absent(0/1)
 /// if_revision('' = none) maxlen. Returns {1, rev} or {0, current}.
 const PUT: &str = r#"
-local cur = cur_rev(KEYS[4])
+local cur = cur_rev(KEYS[5])
 if ARGV[4] == '1' and cur ~= 0 then return {0, cur} end
 if ARGV[5] ~= '' and cur ~= tonumber(ARGV[5]) then return {0, cur} end
 local rev = redis.call('INCR', KEYS[1])
-kv_put(KEYS[4], ARGV[1], ARGV[2], tonumber(ARGV[3]), rev, 0, ARGV[6])
+kv_put(KEYS[5], ARGV[1], ARGV[2], tonumber(ARGV[3]), rev, 0, ARGV[6])
 return {1, rev}
 "#;
 
-/// delete: KEYS rev idx log kv; ARGV ukey if_revision('' = none) maxlen.
+/// delete: KEYS rev idx log ttl kv; ARGV ukey if_revision('' = none) maxlen.
 /// Returns {1, deleted(0/1)} or {0, current}.
 const DELETE: &str = r#"
-local cur = cur_rev(KEYS[4])
+local cur = cur_rev(KEYS[5])
 if ARGV[2] ~= '' and cur ~= tonumber(ARGV[2]) then return {0, cur} end
 if cur == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return {1, 0}
 end
 local rev = redis.call('INCR', KEYS[1])
-kv_del(KEYS[4], ARGV[1], rev, 0, ARGV[3])
+kv_del(KEYS[5], ARGV[1], rev, 0, ARGV[3])
 return {1, 1}
 "#;
 
-/// txn: KEYS rev idx log, then every key the txn names (hashes, lock keys,
+/// txn: KEYS rev idx log ttl, then every key the txn names (hashes, lock keys,
 /// fencing counters). ARGV: [1] maxlen, [2] length of the kv prefix,
 /// [3] number of compares, [4] first ARGV of the `then` ops, [5] their
 /// count, [6] first ARGV of the `otherwise` ops, [7] their count, then the
@@ -146,6 +156,27 @@ for n = 1, nops do
   end
 end
 return {ok and 1 or 0, redis.call('GET', KEYS[1]) or '0', results}
+"#;
+
+/// sweep: KEYS rev idx log ttl; ARGV kv prefix, maxlen. Turns every key
+/// whose deadline passed and which Redis has expired into a delete event
+/// (a new revision each), as a write would have. Returns the ms until the
+/// next deadline (-1: none). A key still there at its deadline (the clocks
+/// of `TIME` and of expiry differ by a millisecond) stays scheduled.
+const SWEEP: &str = r#"
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 1000)
+for _, ukey in ipairs(due) do
+  if redis.call('EXISTS', ARGV[1] .. ukey) == 0 then
+    local rev = redis.call('INCR', KEYS[1])
+    kv_del(ARGV[1] .. ukey, ukey, rev, 0, ARGV[2])
+  end
+end
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if #first == 0 then return -1 end
+local wait = tonumber(first[2]) - now
+if wait < 1 then wait = 1 end
+return wait
 "#;
 
 /// list: KEYS idx; ARGV kv prefix, min, max (ZRANGEBYLEX bounds), limit
@@ -254,6 +285,7 @@ pub(crate) struct Scripts {
     pub delete: Script,
     pub txn: Script,
     pub list: Script,
+    pub sweep: Script,
     pub watch_start: Script,
     pub acquire: Script,
     pub release: Script,
@@ -267,6 +299,7 @@ pub(crate) fn scripts() -> &'static Scripts {
         delete: Script::new(&format!("{PRELUDE}{DELETE}")),
         txn: Script::new(&format!("{PRELUDE}{TXN}")),
         list: Script::new(LIST),
+        sweep: Script::new(&format!("{PRELUDE}{SWEEP}")),
         watch_start: Script::new(WATCH_START),
         acquire: Script::new(ACQUIRE),
         release: Script::new(RELEASE),

@@ -4,6 +4,11 @@
 //! command connection), filters by prefix, and resumes where it stopped
 //! after a reconnect.
 //!
+//! A watch also runs the expiry sweep when the namespace's next TTL key is
+//! due (it learns deadlines from the sweep and from put events that carry
+//! a TTL), bounding each blocking read by that deadline: expiries become
+//! delete events without anyone polling.
+//!
 //! Revisions in the stream are contiguous (each write script takes the next
 //! revision and appends at least one entry for it), so a watch notices
 //! history that was trimmed under it: a revision it expected is missing.
@@ -21,12 +26,16 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long one `XREAD` blocks; after an empty one the watch checks that
 /// the server still has its history (a restart without persistence resets
 /// the revision counter).
 const BLOCK: Duration = Duration::from_secs(2);
 const BATCH: usize = 512;
+/// When no key of the namespace has a TTL, look again this late (a new TTL
+/// key is noticed earlier, from its put event).
+const NO_TTL_KEYS: Duration = Duration::from_secs(3600);
 
 struct State {
     client: Client,
@@ -36,6 +45,13 @@ struct State {
     rev_key: String,
     log_key: String,
     epoch_key: String,
+    idx_key: String,
+    ttl_key: String,
+    kv_prefix: String,
+    history: u64,
+    /// When the next TTL key of the namespace is due: then this watch runs
+    /// the sweep that turns expiries into delete events.
+    sweep_at: Instant,
     /// The epoch of the data this watch stands on.
     epoch: String,
     prefix: String,
@@ -120,7 +136,7 @@ pub(crate) async fn open(
     } else {
         format!("{}-{}", start - 1, u64::MAX)
     };
-    let state = State {
+    let mut state = State {
         client,
         ops: shared.conn.ops().clone(),
         timeout,
@@ -128,6 +144,11 @@ pub(crate) async fn open(
         rev_key,
         log_key,
         epoch_key,
+        idx_key: shared.layout.index(),
+        ttl_key: shared.layout.ttl(),
+        kv_prefix: shared.layout.kv_prefix(),
+        history: shared.history,
+        sweep_at: Instant::now(),
         epoch,
         prefix: prefix.to_string(),
         last_id,
@@ -136,6 +157,8 @@ pub(crate) async fn open(
         buf: VecDeque::new(),
         done: false,
     };
+    // Expiries that happened while nobody watched become events now.
+    state.sweep().await?;
     Ok(futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(ev) = st.buf.pop_front() {
@@ -171,12 +194,27 @@ impl State {
         if self.con.is_none() {
             self.reconnect().await?;
         }
+        if Instant::now() >= self.sweep_at {
+            if let Err(e) = self.sweep().await {
+                if e.is_transient() {
+                    self.con = None;
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        }
+        // Block until the next key is due at the latest (0 would block
+        // forever: at least 1 ms).
+        let block = self
+            .sweep_at
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), BLOCK);
         let con = self.con.as_mut().expect("connected above");
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(BATCH)
             .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
+            .arg(block.as_millis() as u64)
             .arg("STREAMS")
             .arg(&self.log_key)
             .arg(&self.last_id);
@@ -215,6 +253,11 @@ impl State {
                 self.next = self.next.max(rev + 1);
                 self.seen = self.seen.max(rev);
                 self.last_id = entry.id.clone();
+                if let Some(t) = text(field(&entry.map, "t")).and_then(|t| t.parse().ok()) {
+                    // A key with a TTL: sweep when it is due.
+                    let due = Instant::now() + Duration::from_millis(t);
+                    self.sweep_at = self.sweep_at.min(due);
+                }
                 let Some(key) = text(field(&entry.map, "k")) else {
                     continue;
                 };
@@ -275,6 +318,32 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    /// Runs the expiry sweep (see `scripts.rs`) and schedules the next.
+    async fn sweep(&mut self) -> Result<()> {
+        let Some(con) = self.con.as_mut() else {
+            return Ok(());
+        };
+        let mut inv = scripts().sweep.prepare_invoke();
+        inv.key(&self.rev_key)
+            .key(&self.idx_key)
+            .key(&self.log_key)
+            .key(&self.ttl_key)
+            .arg(&self.kv_prefix)
+            .arg(self.history);
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let next: i64 = match tokio::time::timeout(self.timeout, inv.invoke_async(con)).await {
+            Ok(r) => r.map_err(|e| map_err(&e))?,
+            Err(_) => return Err(Error::unavailable(NAME, "expiry sweep timed out")),
+        };
+        self.sweep_at = Instant::now()
+            + if next < 0 {
+                NO_TTL_KEYS
+            } else {
+                Duration::from_millis(next as u64)
+            };
+        Ok(())
     }
 
     fn keys(&self) -> [&str; 3] {

@@ -844,3 +844,49 @@ async fn expired_keys_leave_the_index() {
         Some(Duration::from_secs(30))
     );
 }
+
+#[tokio::test]
+async fn expiry_without_a_watch_is_reported_by_the_next_watch() {
+    use futures::StreamExt;
+    let base = shared_url();
+    let ns = unique_namespace("sweep");
+    let h = open(&base, &ns).await;
+    let r = h
+        .put(
+            "k",
+            Bytes::from("v"),
+            PutOptions::ttl(Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(3), "the key to expire", || async {
+        h.get("k").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    // Nobody watched when it expired: a watch resuming from its put sees
+    // the put, then the expiry as a delete at a later revision.
+    let mut w = h.watch("", Some(r)).await.unwrap();
+    let mut next = || async {
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let put = next().await;
+    assert_eq!((put.kind, put.revision), (latchkey_core::EventKind::Put, r));
+    let del = next().await;
+    assert_eq!(del.kind, latchkey_core::EventKind::Delete);
+    assert_eq!(del.key, "k");
+    assert!(del.revision > r);
+    // Exactly once: another watch from the start sees the same two events.
+    let mut again = h.watch("", Some(r)).await.unwrap();
+    let a = again.next().await.unwrap().unwrap();
+    let b = again.next().await.unwrap().unwrap();
+    assert_eq!((a.revision, b.revision), (r, del.revision));
+    h.put("z", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    let c = again.next().await.unwrap().unwrap();
+    assert_eq!(c.key, "z");
+}
