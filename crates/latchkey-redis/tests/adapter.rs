@@ -866,16 +866,17 @@ async fn expiry_without_a_watch_is_reported_by_the_next_watch() {
     // Nobody watched when it expired: a watch resuming from its put sees
     // the put, then the expiry as a delete at a later revision.
     let mut w = h.watch("", Some(r)).await.unwrap();
-    let mut next = || async {
-        tokio::time::timeout(Duration::from_secs(5), w.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-    };
-    let put = next().await;
+    let put = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!((put.kind, put.revision), (latchkey_core::EventKind::Put, r));
-    let del = next().await;
+    let del = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(del.kind, latchkey_core::EventKind::Delete);
     assert_eq!(del.key, "k");
     assert!(del.revision > r);
