@@ -67,8 +67,10 @@
 //! ## Not simulated
 //! Multiple servers, leader changes, stale reads (`?stale` is accepted and
 //! answers like `?consistent`), ACL policies (one all-powerful token),
-//! catalog/health/agent endpoints, node/service/check txn ops, snapshot
-//! restore (index going backwards) and tombstone reaping.
+//! catalog/health/agent endpoints and node/service/check txn ops. Tombstones
+//! are kept until [`ConsulSim::reap_tombstones`] and snapshot restores happen
+//! only through [`ConsulSim::restore`]: those two hooks produce the
+//! documented cases of a blocking query's index going backwards.
 //!
 //! ## Key names
 //! By default any key is accepted, as the API docs describe (paths are
@@ -236,9 +238,47 @@ impl ConsulSim {
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Test hook: drops all KV tombstones now, as Consul does after
+    /// `tombstone_ttl`. A listing whose newest entry was deleted then
+    /// reports a lower `X-Consul-Index` than before (blocking-query clients
+    /// must reset their index when it goes backwards).
+    pub fn reap_tombstones(&self) {
+        let mut st = self.shared.store();
+        st.reap_tombstones();
+        self.shared.notify(&st);
+    }
+
+    /// Test hook: a copy of the whole state, for [`ConsulSim::restore`].
+    pub fn snapshot(&self) -> SimSnapshot {
+        SimSnapshot(Box::new(self.shared.store().clone()))
+    }
+
+    /// Test hook: restores a [`ConsulSim::snapshot`], as `consul snapshot
+    /// restore` does: keys, sessions and their indexes go back to what they
+    /// were (so `X-Consul-Index` goes backwards), new writes still get new,
+    /// higher indexes, session TTL timers restart.
+    pub fn restore(&self, snap: &SimSnapshot) {
+        let mult = self.shared.multiplier();
+        {
+            let mut st = self.shared.store();
+            st.restore_from(&snap.0, tokio::time::Instant::now(), mult);
+            self.shared.notify(&st);
+        }
+        self.shared.timers.notify_one();
+    }
+
     /// The current Raft-like index (for tests that check monotonicity).
     pub fn raft_index(&self) -> u64 {
         self.shared.store().raft_index()
+    }
+}
+
+/// A copy of a simulator's state ([`ConsulSim::snapshot`]).
+pub struct SimSnapshot(Box<state::Store>);
+
+impl std::fmt::Debug for SimSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimSnapshot")
     }
 }
 

@@ -84,6 +84,7 @@ pub(crate) struct Session {
 }
 
 /// Undo log of a transaction.
+#[derive(Clone)]
 enum Undo {
     Kv(String, Option<Entry>),
     Tomb(String, Option<u64>),
@@ -98,6 +99,7 @@ pub(crate) enum OpFail {
 }
 
 /// The store.
+#[derive(Clone)]
 pub(crate) struct Store {
     /// The Raft index: bumped by every write that goes through "Raft".
     raft_index: u64,
@@ -502,6 +504,31 @@ impl Store {
         }
         self.earliest = self.next_deadline();
         !expired.is_empty()
+    }
+
+    /// Drops every tombstone, as Consul's leader does once they are older
+    /// than `tombstone_ttl` (15 min by default). Afterwards a listing whose
+    /// newest entry was deleted reports a lower index than before: one of
+    /// the documented ways a blocking query's index goes backwards.
+    pub fn reap_tombstones(&mut self) {
+        self.tombstones.clear();
+    }
+
+    /// Replaces the data with `snap` as a snapshot restore does: entries,
+    /// tombstones, sessions and table indexes come back as they were (so
+    /// indexes go backwards); the Raft index keeps growing (the restore is
+    /// itself a Raft operation); session timers restart with a full TTL, as
+    /// a new leader's do; lock-delays (leader memory) are forgotten.
+    pub fn restore_from(&mut self, snap: &Store, now: Instant, multiplier: f64) {
+        let raft = self.raft_index.max(snap.raft_index) + 1;
+        *self = snap.clone();
+        self.raft_index = raft;
+        self.undo = None;
+        self.lock_delay.clear();
+        for s in self.sessions.values_mut() {
+            s.deadline = s.ttl.map(|t| now + t.mul_f64(multiplier));
+        }
+        self.earliest = self.next_deadline();
     }
 
     /// The next TTL deadline.
