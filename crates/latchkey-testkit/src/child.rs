@@ -80,8 +80,9 @@ pub struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Spawns `cmd` with piped stdin/stdout (stderr is inherited). Every stdout line
-    /// is a message for [`ChildProcess::recv`].
+    /// Spawns `cmd` with piped stdin/stdout/stderr. Every stdout line is a message
+    /// for [`ChildProcess::recv`]; stderr lines are forwarded to the test's stderr
+    /// (captured by libtest like the test's own output).
     pub fn spawn(cmd: Command) -> io::Result<ChildProcess> {
         Self::spawn_filtered(cmd, None)
     }
@@ -110,9 +111,23 @@ impl ChildProcess {
     }
 
     fn spawn_filtered(mut cmd: Command, prefix: Option<&'static str>) -> io::Result<ChildProcess> {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = process::spawn_tied(cmd)?;
         let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let pid = child.id();
+        // Forwarded with eprintln! from a thread spawned by the calling test, so
+        // libtest's output capture applies: shown only when that test fails.
+        std::thread::Builder::new()
+            .name(format!("latchkey-child-{pid}-stderr"))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[child {pid}] {line}");
+                }
+            })?;
         let stdin = child.stdin.take();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
