@@ -692,3 +692,35 @@ cases! {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_at_most;
+    use crate::checkers::Holding;
+
+    fn h(client: usize, acquired: u64, released: u64) -> Holding {
+        Holding {
+            lock: "s".into(),
+            client,
+            token: client as u64,
+            acquired,
+            released,
+        }
+    }
+
+    #[test]
+    fn at_most_n_accepts_n_and_touching_ends() {
+        let ok = [h(0, 0, 10), h(1, 5, 15), h(2, 10, 20), h(3, 15, 25)];
+        assert!(check_at_most(2, &ok).is_ok());
+        assert!(check_at_most(1, &ok).is_err());
+    }
+
+    #[test]
+    fn at_most_n_rejects_n_plus_1_and_malformed() {
+        let bad = [h(0, 0, 10), h(1, 1, 10), h(2, 2, 10)];
+        let msg = check_at_most(2, &bad).unwrap_err();
+        assert!(msg.contains("3 holders"), "{msg}");
+        assert!(check_at_most(3, &bad).is_ok());
+        assert!(check_at_most(5, &[h(0, 5, 1)]).is_err());
+    }
+}
