@@ -87,6 +87,21 @@ pub fn apt_command(packages: &[&str]) -> String {
     )
 }
 
+/// The packages to install for the missing ones: the Debian `zookeeper` package
+/// pulls in a JRE, so `default-jre-headless` only when Java alone is missing.
+fn packages_for(missing: &[&'static str]) -> Vec<&'static str> {
+    let mut packages: Vec<&str> = Vec::new();
+    for p in missing {
+        if !packages.contains(p) {
+            packages.push(p);
+        }
+    }
+    if packages.contains(&"zookeeper") {
+        packages.retain(|p| *p != "default-jre-headless");
+    }
+    packages
+}
+
 /// Makes sure every binary the tests of `backend` (or of all backends) need is there:
 /// installs the missing packages when running as root on Debian, else fails with
 /// the exact command to run.
@@ -96,13 +111,7 @@ pub fn ensure(backend: Option<&str>) -> Result<(), String> {
         eprintln!("xtask: server binaries present (redis-server, etcd, java + ZooKeeper jar, protoc as needed)");
         return Ok(());
     }
-    let mut packages: Vec<&str> = miss.iter().map(|n| n.package).collect();
-    packages.dedup();
-    // The Debian `zookeeper` package pulls in a JRE: install default-jre-headless
-    // only when Java is missing and ZooKeeper is present.
-    if packages.contains(&"zookeeper") && packages.contains(&"default-jre-headless") {
-        packages.retain(|p| *p != "default-jre-headless");
-    }
+    let packages = packages_for(&miss.iter().map(|n| n.package).collect::<Vec<_>>());
     let what: Vec<&str> = miss.iter().map(|n| n.what).collect();
     let cmd = apt_command(&packages);
     if !(is_root() && is_debian()) {
@@ -136,4 +145,48 @@ pub fn ensure(backend: Option<&str>) -> Result<(), String> {
         return Err(format!("still missing after install: {}", what.join(", ")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_command_lists_the_missing_packages() {
+        let all = packages_for(&[
+            "redis-server",
+            "etcd-server",
+            "zookeeper",
+            "protobuf-compiler",
+            "default-jre-headless",
+        ]);
+        assert_eq!(
+            apt_command(&all),
+            "apt-get update && apt-get install -y redis-server etcd-server zookeeper protobuf-compiler"
+        );
+        assert_eq!(
+            packages_for(&["default-jre-headless"]),
+            vec!["default-jre-headless"]
+        );
+        assert_eq!(
+            packages_for(&["protobuf-compiler", "protobuf-compiler"]),
+            vec!["protobuf-compiler"]
+        );
+    }
+
+    #[test]
+    fn each_backend_needs_its_servers() {
+        let names = |b| needs(b).iter().map(|n| n.package).collect::<Vec<_>>();
+        assert_eq!(names(Some("redis")), vec!["redis-server"]);
+        assert_eq!(
+            names(Some("etcd")),
+            vec!["etcd-server", "protobuf-compiler"]
+        );
+        assert_eq!(
+            names(Some("zookeeper")),
+            vec!["zookeeper", "default-jre-headless"]
+        );
+        assert!(names(Some("mem")).is_empty() && names(Some("consul")).is_empty());
+        assert_eq!(names(None).len(), 5);
+    }
 }
