@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     /// Apply recent agents' KV key-name validation (see
     /// [`validate_kv_key`]); off by default.
     pub strict_keys: AtomicBool,
+    /// Requests answered under `/v1/` (for "no polling" assertions).
+    pub requests: std::sync::atomic::AtomicU64,
     pub datacenter: String,
 }
 
@@ -64,6 +66,7 @@ impl Shared {
             ttl_multiplier: Mutex::new(1.0),
             unavailable: AtomicBool::new(false),
             strict_keys: AtomicBool::new(false),
+            requests: std::sync::atomic::AtomicU64::new(0),
             datacenter: "dc1".into(),
         }
     }
@@ -479,6 +482,9 @@ pub(crate) async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Respo
         return json_body(StatusCode::OK, &["127.0.0.1:8300"], pretty);
     }
 
+    if path.starts_with("/v1/") {
+        sh.requests.fetch_add(1, Ordering::SeqCst);
+    }
     let known =
         path.starts_with("/v1/kv/") || path == "/v1/txn" || path.starts_with("/v1/session/");
     if !known {

@@ -267,6 +267,15 @@ impl ConsulSim {
         self.shared.timers.notify_one();
     }
 
+    /// How many `/v1/...` requests it has received (counted on arrival, so
+    /// a blocking query counts once), for asserting that a client waits
+    /// with blocking queries instead of polling.
+    pub fn requests(&self) -> u64 {
+        self.shared
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The current Raft-like index (for tests that check monotonicity).
     pub fn raft_index(&self) -> u64 {
         self.shared.store().raft_index()

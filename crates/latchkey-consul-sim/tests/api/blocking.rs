@@ -47,6 +47,16 @@ async fn blocking_get_returns_after_wait_without_change() {
 }
 
 #[tokio::test]
+async fn requests_are_counted_once_per_blocking_query() {
+    let s = sim();
+    let before = s.sim.requests();
+    s.put_bool("/v1/kv/w", "1").await;
+    let idx = s.get("/v1/kv/w").await.index();
+    s.get(&format!("/v1/kv/w?index={idx}&wait=300ms")).await;
+    assert_eq!(s.sim.requests() - before, 3);
+}
+
+#[tokio::test]
 async fn blocking_get_on_a_key_ignores_other_keys_while_present() {
     let s = sim();
     s.put_bool("/v1/kv/mine", "1").await;

@@ -267,6 +267,9 @@ async fn plain_put_keeps_the_holder() {
     let e = s.get("/v1/kv/l").await.entry();
     assert_eq!(e["Session"], a.as_str());
     assert_eq!(e["Value"], b64("overwritten"));
+    // kvsSetTxn keeps Session and CreateIndex but takes LockIndex from the
+    // request (0): a Consul quirk the simulator keeps.
+    assert_eq!(e["LockIndex"], 0);
 }
 
 #[tokio::test]
