@@ -232,6 +232,35 @@ impl ZookeeperBackend {
         self.inner.locks.dir_of(name)
     }
 
+    /// Deletes the entry of lock `name`'s current holder, whoever it is, as
+    /// an operator would (`deleteall` of that one znode): its holder's
+    /// `lost()` fires at its next check, the next waiter gets the lock.
+    /// Returns whether the lock was held.
+    pub async fn revoke_lock(&self, name: &str) -> Result<bool> {
+        validate::lock_name(name)?;
+        let dir = self.lock_path(name);
+        let what = format!("revoke lock {name:?}");
+        let client = self.zk().await?;
+        loop {
+            self.count();
+            let children = match client.list_children(&dir).await {
+                Ok(c) => c,
+                Err(zk::Error::NoNode) => return Ok(false),
+                Err(e) => return Err(map(e, Kind::Read, &what)),
+            };
+            let Some(first) = crate::lock::holder_of(&children) else {
+                return Ok(false);
+            };
+            self.count();
+            match client.delete(&format!("{dir}/{first}"), None).await {
+                Ok(()) => return Ok(true),
+                // Released meanwhile: look again.
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(map(e, Kind::Write, &what)),
+            }
+        }
+    }
+
     /// The ZooKeeper session id of the handle's main session.
     pub fn session_id(&self) -> i64 {
         self.current().session_id().0

@@ -374,6 +374,15 @@ enum Position {
     Gone,
 }
 
+/// The entry that holds the lock among `children` of a lock dir.
+pub(crate) fn holder_of(children: &[String]) -> Option<&str> {
+    children
+        .iter()
+        .filter_map(|c| sequence_of(c).map(|s| (s, c)))
+        .min()
+        .map(|(_, c)| c.as_str())
+}
+
 /// The sequence number of a Curator lock entry (the digits after the last
 /// `lock-`), as Curator sorts them.
 fn sequence_of(name: &str) -> Option<i64> {

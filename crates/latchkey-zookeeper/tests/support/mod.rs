@@ -68,4 +68,11 @@ pub fn harness(url: String) -> Instrumented<ZookeeperBackend> {
         async move { Ok(Arc::new(open(&url, &ns, "reads=linearizable").await?)) }
     })
     .with_op_count(ZookeeperBackend::requests)
+    .with_revoke_lock(revoke_lock)
+}
+
+/// The suite's revocation hook is synchronous; the runner's runtime is
+/// multi-threaded, so block this worker on the async revocation.
+fn revoke_lock(b: &ZookeeperBackend, name: &str) -> Result<bool> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(b.revoke_lock(name)))
 }
