@@ -496,8 +496,6 @@ impl Backend for RedisBackend {
         c.min_ttl = MIN_TTL;
         c.ttl_granularity = TTL_GRANULARITY;
         c.max_txn_ops = MAX_TXN_OPS;
-        // A release wakes every subscribed handle; whoever asks first wins.
-        c.fifo_locks = false;
         // One primary serves every read and write. (Replicas are never
         // read; a failover to one may lose acknowledged writes, see below.)
         c.linearizable_reads = true;

@@ -80,9 +80,25 @@ impl Layout {
         format!("{}fence:{name}", self.prefix)
     }
 
-    /// The pub/sub channel a release of the lock is announced on.
+    /// The lock's wait queue: owner id -> ticket (arrival order).
+    pub(crate) fn queue(&self, name: &str) -> String {
+        format!("{}queue:{name}", self.prefix)
+    }
+
+    /// The lock's waiter leases: owner id -> deadline (ms, server time).
+    pub(crate) fn waiters(&self, name: &str) -> String {
+        format!("{}waiters:{name}", self.prefix)
+    }
+
+    /// The counter that numbers queue tickets (one per namespace).
+    pub(crate) fn qseq(&self) -> String {
+        format!("{}qseq", self.prefix)
+    }
+
+    /// Prefix of the pub/sub channels that tell a waiter it is its turn:
+    /// the waiter's owner id follows.
     pub(crate) fn released(&self, name: &str) -> String {
-        format!("{}released:{name}", self.prefix)
+        format!("{}released:{name}:", self.prefix)
     }
 }
 

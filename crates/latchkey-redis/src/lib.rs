@@ -55,13 +55,18 @@
 //! | `latchkey:{ns}:epoch` | string | a random id set by the first watch; gone with the data, so watches notice lost history |
 //! | `latchkey:{ns}:lock:<name>` | string | the holder's owner id, with a PX expiry |
 //! | `latchkey:{ns}:fence:<name>` | string | the lock's fencing counter (kept forever) |
-//! | channel `latchkey:{ns}:released:<name>` | pub/sub | a message at every release |
+//! | `latchkey:{ns}:queue:<name>` | sorted set | the lock's waiters: owner id, scored by ticket (arrival order) |
+//! | `latchkey:{ns}:waiters:<name>` | sorted set | the waiters' leases: owner id, scored by deadline (ms, server time) |
+//! | `latchkey:{ns}:qseq` | string | the ticket counter of all queues of the namespace |
+//! | channel `latchkey:{ns}:released:<name>:<owner>` | pub/sub | "your turn" for one waiter |
 //!
 //! So a lock named `x` in namespace `ns` occupies **`latchkey:{ns}:lock:x`**
 //! exactly as `SET latchkey:{ns}:lock:x <token> NX PX <ttl>` would: a
 //! redsync or redis-py `Lock` on that key excludes ours and ours excludes it.
-//! A foreign release publishes nothing, so our waiters notice it when the
-//! foreign key's PTTL runs out (or within a second if it has no expiry).
+//! Foreign clients do not queue (they may take a free lock ahead of our
+//! queue), and a foreign release publishes nothing, so our head waiter
+//! notices it when the foreign key's PTTL runs out (or after one TTL if the
+//! key has no expiry).
 //!
 //! ## How it works
 //!
@@ -86,17 +91,22 @@
 //! - **Transactions**: one script evaluates every compare (including
 //!   `Compare::Held`: owner id and fencing token), then runs one branch; all
 //!   writes of a transaction share one revision. At most 1024 ops per branch.
-//! - **Locks**: acquire = one script (`SET NX PX` with a random owner id,
-//!   then `INCR` of the lock's fencing counter); release = one
-//!   compare-and-delete script that publishes on the lock's channel. An
-//!   uncontended lock + release costs two round trips. A waiter subscribes
-//!   to the channel before retrying and bounds each wait by the holder's
-//!   PTTL (expiry publishes nothing), so a lost message delays it by at most
-//!   the TTL; it never polls at a fixed interval. Locks are not FIFO: a
-//!   release wakes every handle waiting for the name and the first to ask
-//!   wins (inside one handle, tasks queue FIFO locally). Renewal: one script
-//!   call per tick renews every lock of the handle with the same TTL; locks
-//!   it finds gone fire `lost()`.
+//! - **Locks**: acquire = one script (`SET lock <owner> PX ttl` with a
+//!   random owner id, then `INCR` of the lock's fencing counter); release =
+//!   one compare-and-delete script. An uncontended lock + release costs two
+//!   round trips. Locks are **FIFO**: a waiter takes a ticket in the lock's
+//!   queue, a free lock goes to the head of the queue only, and a release
+//!   publishes on the head's own channel, so it wakes one waiter (no herd).
+//!   A waiter subscribes to its channel before it retries, and bounds each
+//!   wait: the head by the holder's PTTL (an expiry publishes nothing), the
+//!   others by the head's lease (a crashed head publishes nothing), all by
+//!   one TTL (each attempt renews the waiter's own lease of two TTLs, after
+//!   which a crashed waiter is dropped from the queue). So a lost message
+//!   delays a waiter by at most a TTL, and a waiter sends one request per TTL
+//!   while it waits: no fixed-interval polling. A cancelled or timed-out
+//!   waiter leaves the queue at once (one script run in the background).
+//!   Renewal: one script call per tick renews every lock of the handle with
+//!   the same TTL; locks it finds gone fire `lost()`.
 //!
 //! ## What Redis cannot promise
 //!

@@ -1,7 +1,8 @@
-//! Locks: `SET NX PX` with a random owner id and a fencing token from the
-//! lock's own counter, in one script; release by compare-and-delete that
-//! publishes a wake-up; renewal of every lock of one TTL in one script call
-//! per tick through core's [`RenewalGroup`].
+//! Locks: `SET PX` with a random owner id and a fencing token from the
+//! lock's own counter, in one script, for the head of the lock's FIFO queue;
+//! release by compare-and-delete that wakes the next waiter only; renewal
+//! of every lock of one TTL in one script call per tick through core's
+//! [`RenewalGroup`]. See the `ACQUIRE` script for the queue's rules.
 
 use crate::backend::{ttl_ms, RedisBackend, Shared};
 use crate::conn::Retry;
@@ -18,16 +19,18 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long a waiter waits for a holder whose key has no expiry (a foreign
-/// client's `SET` without `PX`) before it looks again. Our own locks always
-/// have a PTTL, which bounds the wait instead.
-const NO_TTL_RECHECK: Duration = Duration::from_secs(1);
-
 enum Attempt {
     Acquired(u64),
-    /// Someone else holds it; their key expires in this many ms (-1: never,
-    /// -2: it just vanished).
-    Held(i64),
+    /// Not ours (yet); try again after at most this long, or when notified.
+    Wait(Duration),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Queue up if the lock is not ours.
+    Wait,
+    /// Never queue.
+    Try,
 }
 
 fn new_owner() -> String {
@@ -36,41 +39,66 @@ fn new_owner() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// How long to wait for a release notification before looking again: the
-/// holder's remaining PTTL (an expiry publishes nothing).
-fn wait_bound(pttl: i64) -> Duration {
-    match pttl {
-        p if p >= 0 => Duration::from_millis(p as u64 + 1),
-        -1 => NO_TTL_RECHECK,
-        _ => Duration::ZERO,
-    }
-}
-
-async fn attempt(shared: &Shared, name: &str, owner: &str, ttl_ms: u64) -> Result<Attempt> {
-    let keys = [shared.layout.lock(name), shared.layout.fence(name)];
+async fn attempt(
+    shared: &Shared,
+    name: &str,
+    owner: &str,
+    ttl_ms: u64,
+    mode: Mode,
+) -> Result<Attempt> {
+    let l = &shared.layout;
+    let keys = [
+        l.lock(name),
+        l.fence(name),
+        l.queue(name),
+        l.waiters(name),
+        l.qseq(),
+    ];
+    let channels = l.released(name);
+    let mode = if mode == Mode::Wait { "w" } else { "t" };
     let (ok, n): (i64, i64) = shared
         .conn
         .run(Retry::Safe, "lock", |mut c| {
             let mut inv = scripts().acquire.prepare_invoke();
-            inv.key(&keys[..]).arg(owner).arg(ttl_ms);
+            inv.key(&keys[..])
+                .arg(owner)
+                .arg(ttl_ms)
+                .arg(mode)
+                .arg(&channels);
             async move { inv.invoke_async(&mut c).await }
         })
         .await?;
     Ok(if ok == 1 {
         Attempt::Acquired(n as u64)
     } else {
-        Attempt::Held(n)
+        Attempt::Wait(Duration::from_millis(n.max(0) as u64))
     })
 }
 
 async fn release(shared: &Shared, name: &str, owner: &str) -> Result<()> {
-    let key = shared.layout.lock(name);
-    let channel = shared.layout.released(name);
+    let keys = [shared.layout.lock(name), shared.layout.queue(name)];
+    let channels = shared.layout.released(name);
     let _: i64 = shared
         .conn
         .run(Retry::Safe, "unlock", |mut c| {
             let mut inv = scripts().release.prepare_invoke();
-            inv.key(&key).arg(owner).arg(&channel);
+            inv.key(&keys[..]).arg(owner).arg(&channels);
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await?;
+    Ok(())
+}
+
+/// A waiter giving up: leave the queue (see the `leave` script).
+async fn leave(shared: &Shared, name: &str, owner: &str) -> Result<()> {
+    let l = &shared.layout;
+    let keys = [l.lock(name), l.queue(name), l.waiters(name)];
+    let channels = l.released(name);
+    let _: i64 = shared
+        .conn
+        .run(Retry::Safe, "leave lock queue", |mut c| {
+            let mut inv = scripts().leave.prepare_invoke();
+            inv.key(&keys[..]).arg(owner).arg(&channels);
             async move { inv.invoke_async(&mut c).await }
         })
         .await?;
@@ -122,26 +150,21 @@ impl RedisBackend {
         LockGuard::new(entry, trigger, ops, Some(turn))
     }
 
-    /// One acquisition attempt that cannot leave an orphan: if the caller
-    /// drops it while the script is in flight, the holding it may have
-    /// created is released in the background.
-    async fn attempt_once(&self, name: &str, owner: &str, ttl_ms: u64) -> Result<Attempt> {
-        let shared = self.shared.clone();
-        let (n, o) = (name.to_string(), owner.to_string());
-        let cleanup = CancelOnDrop::new(async move {
-            let _ = release(&shared, &n, &o).await;
-        });
-        let r = attempt(&self.shared, name, owner, ttl_ms).await;
-        cleanup.disarm();
-        r
-    }
-
     async fn acquire(&self, name: &str, ttl: Duration) -> Result<LockGuard> {
         // Tasks of this handle queue locally first, so each remote holding
-        // belongs to exactly one guard.
+        // (and each remote queue entry) belongs to exactly one task.
         let turn = self.shared.local.turn(name).await;
         let owner = new_owner();
         let ms = ttl_ms(ttl);
+        // Armed until the guard is made: if this future is dropped
+        // (cancelled, `wait` ran out), the queue entry goes, and a holding
+        // that an attempt in flight may have created is released.
+        let cleanup = {
+            let (shared, n, o) = (self.shared.clone(), name.to_string(), owner.clone());
+            CancelOnDrop::new(async move {
+                let _ = leave(&shared, &n, &o).await;
+            })
+        };
         let mut sub: Option<Subscription> = None;
         // A waiter rides out a short outage (a server restart) for up to
         // one timeout, counted from the first failure in a row.
@@ -151,7 +174,7 @@ impl RedisBackend {
                 s.mark_seen();
             }
             let sent = Instant::now();
-            let outcome = match self.attempt_once(name, &owner, ms).await {
+            let outcome = match attempt(&self.shared, name, &owner, ms, Mode::Wait).await {
                 Err(e) if e.is_transient() && sub.is_some() => {
                     let since = *failing_since.get_or_insert(sent);
                     if since.elapsed() < self.shared.conn.timeout() {
@@ -165,23 +188,20 @@ impl RedisBackend {
             failing_since = None;
             match outcome {
                 Attempt::Acquired(token) => {
-                    return Ok(self.make_guard(name, owner, token, ttl, sent, turn))
+                    cleanup.disarm();
+                    return Ok(self.make_guard(name, owner, token, ttl, sent, turn));
                 }
-                Attempt::Held(pttl) => match sub.as_mut() {
-                    // Subscribe before the next attempt, so a release
+                Attempt::Wait(bound) => match sub.as_mut() {
+                    // Subscribe before the next attempt, so a turn given
                     // between that attempt and the wait still wakes us.
                     None => {
-                        sub = Some(
-                            self.shared
-                                .notifier
-                                .subscribe(&self.shared.layout.released(name))
-                                .await?,
-                        )
+                        let channel = format!("{}{owner}", self.shared.layout.released(name));
+                        sub = Some(self.shared.notifier.subscribe(&channel).await?)
                     }
                     Some(s) => {
                         tokio::select! {
                             _ = s.changed() => {}
-                            _ = tokio::time::sleep(wait_bound(pttl)) => {}
+                            _ = tokio::time::sleep(bound) => {}
                         }
                         s.refresh().await?;
                     }
@@ -206,14 +226,21 @@ impl RedisBackend {
             .get_connection_with_timeout(timeout)
             .map_err(|e| crate::conn::map_err(&e))?;
         let _ = con.set_read_timeout(Some(timeout));
-        let (deleted, _): (i64, i64) = redis::pipe()
-            .atomic()
-            .cmd("DEL")
-            .arg(self.shared.layout.lock(name))
-            .cmd("PUBLISH")
-            .arg(self.shared.layout.released(name))
-            .arg("revoked")
+        let l = &self.shared.layout;
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(l.lock(name))
             .query(&mut con)
+            .map_err(|e| crate::conn::map_err(&e))?;
+        // Wake the head of the queue, if any (nobody owns "": the script
+        // only finds the lock free and tells the head).
+        let _: i64 = scripts()
+            .leave
+            .key(l.lock(name))
+            .key(l.queue(name))
+            .key(l.waiters(name))
+            .arg("")
+            .arg(l.released(name))
+            .invoke(&mut con)
             .map_err(|e| crate::conn::map_err(&e))?;
         Ok(deleted == 1)
     }
@@ -255,11 +282,21 @@ impl DistributedLock for RedisBackend {
         let owner = new_owner();
         let ttl = Duration::from_millis(ttl_ms(opts.ttl));
         let sent = Instant::now();
-        match self.attempt_once(name, &owner, ttl_ms(ttl)).await? {
+        // If this future is dropped while the attempt is in flight, a
+        // holding it may have created is released.
+        let cleanup = {
+            let (shared, n, o) = (self.shared.clone(), name.to_string(), owner.clone());
+            CancelOnDrop::new(async move {
+                let _ = release(&shared, &n, &o).await;
+            })
+        };
+        let r = attempt(&self.shared, name, &owner, ttl_ms(ttl), Mode::Try).await;
+        cleanup.disarm();
+        match r? {
             Attempt::Acquired(token) => {
                 Ok(Some(self.make_guard(name, owner, token, ttl, sent, turn)))
             }
-            Attempt::Held(_) => Ok(None),
+            Attempt::Wait(_) => Ok(None),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Release notifications for lock waiters: one pub/sub connection per
 //! handle (opened on first need), shared by every waiter of the handle.
 //!
-//! A waiter subscribes to its lock's release channel *before* it retries,
+//! A waiter subscribes to its own channel (`…released:<name>:<owner>`)
+//! *before* it retries,
 //! so a release between its failed attempt and its wait is never missed.
 //! Pub/sub is fire-and-forget (a message published while the connection
 //! was down is gone, and a TTL expiry publishes nothing), so every wait is

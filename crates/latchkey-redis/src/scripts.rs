@@ -238,30 +238,86 @@ end
 return {cur, trimmed, redis.call('GET', KEYS[3])}
 "#;
 
-/// acquire: KEYS lock fence; ARGV owner ttl_ms. `SET NX PX` plus a fencing
-/// token from the lock's counter. Idempotent for the same owner (a retry
-/// after a lost reply finds its own holding and its token).
-/// Returns {1, token} or {0, pttl of the holder}.
+/// acquire: KEYS lock fence queue waiters qseq; ARGV owner ttl_ms mode
+/// ('w' wait, 't' try) channel-prefix.
+///
+/// The lock is `SET lock <owner> PX ttl` (what `SET NX PX` clients see) plus
+/// a fencing token from the lock's counter. Waiters queue in `queue`
+/// (owner -> ticket, FIFO) and keep a lease in `waiters` (owner -> deadline,
+/// server ms, two TTLs ahead, refreshed by every attempt); a waiter whose
+/// lease ran out (it crashed without cancelling) is dropped here. A free lock
+/// goes to the head of the queue only. Idempotent per owner.
+///
+/// Returns {1, token}, or {0, ms to wait at most before trying again}: the
+/// holder's PTTL for the head (an expiry publishes nothing), the head's
+/// lease for the others (a crashed head publishes nothing), and never more
+/// than one TTL (the waiter's own lease must be refreshed). A try returns
+/// {0, 0} without queueing.
 const ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2])}
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+for _, o in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
+  redis.call('ZREM', KEYS[3], o)
+  redis.call('ZREM', KEYS[4], o)
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local cur = redis.call('GET', KEYS[1])
+if cur == owner then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, tonumber(redis.call('GET', KEYS[2]))}
 end
-return {0, redis.call('PTTL', KEYS[1])}
+local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+if not cur and (head == nil or head == owner) then
+  redis.call('SET', KEYS[1], owner, 'PX', ARGV[2])
+  redis.call('ZREM', KEYS[3], owner)
+  redis.call('ZREM', KEYS[4], owner)
+  return {1, redis.call('INCR', KEYS[2])}
+end
+if ARGV[3] == 't' then return {0, 0} end
+if not redis.call('ZSCORE', KEYS[3], owner) then
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), owner)
+end
+redis.call('ZADD', KEYS[4], string.format('%d', now + 2 * ttl), owner)
+head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+if not cur and head ~= owner then
+  -- the lock is free and reserved for the head: make sure it knows
+  redis.call('PUBLISH', ARGV[4] .. head, 'turn')
+end
+local bound = ttl
+if head == owner then
+  local p = redis.call('PTTL', KEYS[1])
+  if p >= 0 and p < bound then bound = p end
+else
+  local d = tonumber(redis.call('ZSCORE', KEYS[4], head)) - now
+  if d < bound then bound = d end
+end
+if bound < 1 then bound = 1 end
+return {0, bound}
 "#;
 
-/// release: KEYS lock; ARGV owner channel. Compare-and-delete, then wake
-/// the waiters. Returns 1 if it was ours.
+/// release: KEYS lock queue; ARGV owner channel-prefix. Compare-and-delete,
+/// then wake the head of the queue (only it). Returns 1 if it was ours.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], 'released')
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head then redis.call('PUBLISH', ARGV[2] .. head, 'released') end
   return 1
 end
 return 0
+"#;
+
+/// leave: KEYS lock queue waiters; ARGV owner channel-prefix. A waiter that
+/// gives up (cancelled, timed out): leaves the queue, releases the lock if
+/// an attempt in flight got it, and wakes the new head if the lock is free.
+const LEAVE: &str = r#"
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head then redis.call('PUBLISH', ARGV[2] .. head, 'turn') end
+end
+return 1
 "#;
 
 /// renew: KEYS every lock key of one TTL; ARGV ttl_ms, then the owners in
@@ -289,6 +345,7 @@ pub(crate) struct Scripts {
     pub watch_start: Script,
     pub acquire: Script,
     pub release: Script,
+    pub leave: Script,
     pub renew: Script,
 }
 
@@ -301,8 +358,9 @@ pub(crate) fn scripts() -> &'static Scripts {
         list: Script::new(LIST),
         sweep: Script::new(&format!("{PRELUDE}{SWEEP}")),
         watch_start: Script::new(WATCH_START),
-        acquire: Script::new(ACQUIRE),
+        acquire: Script::new(&format!("{PRELUDE}{ACQUIRE}")),
         release: Script::new(RELEASE),
+        leave: Script::new(LEAVE),
         renew: Script::new(RENEW),
     })
 }
