@@ -481,27 +481,28 @@ impl Inner {
                         }
                         None => KvOp::new(Verb::Set, k.clone()).value(value.clone()),
                     };
-                    let needs_clear = st.exists && (st.session || ttl.is_some());
-                    if st.pinned {
-                        if needs_clear {
-                            ops.push((KvOp::new(Verb::Delete, k.clone()), Role::Aux));
-                        }
+                    // An existing key is deleted first: that drops a TTL
+                    // binding (`set` keeps the holder) and makes the write a
+                    // new entry even if the value is unchanged (a `set` of an
+                    // equal entry keeps its ModifyIndex).
+                    if st.exists {
+                        let del = if st.pinned {
+                            KvOp::new(Verb::Delete, k.clone())
+                        } else {
+                            KvOp::new(Verb::DeleteCas, k.clone()).index(st.index)
+                        };
+                        ops.push((del, Role::Aux));
                         ops.push((main, Role::Put(i)));
-                    } else if needs_clear {
-                        ops.push((
-                            KvOp::new(Verb::DeleteCas, k.clone()).index(st.index),
-                            Role::Aux,
-                        ));
+                    } else if st.pinned || ttl.is_some() {
+                        // A `lock` on an absent key fails if another session
+                        // took it meanwhile: then the txn is retried.
                         ops.push((main, Role::Put(i)));
-                    } else if ttl.is_none() {
-                        // `cas` pins and writes in one op (index 0: only if absent).
+                    } else {
+                        // `cas` with index 0: only if still absent.
                         let mut m = main;
                         m.verb = Verb::Cas;
-                        m.index = if st.exists { st.index } else { 0 };
+                        m.index = 0;
                         ops.push((m, Role::Put(i)));
-                    } else {
-                        ops.push((KvOp::new(Verb::CheckNotExists, k.clone()), Role::Aux));
-                        ops.push((main, Role::Put(i)));
                     }
                     *st = St {
                         exists: true,

@@ -17,7 +17,6 @@ use latchkey_consul::{ConsulBackend, LOCK_FLAG};
 use latchkey_core::{
     Backend, BackendUrl, Compare, Error, KvStore, LockOptions, Op, PutOptions, TxnRequest,
 };
-use latchkey_core::{DistributedLock, Txn};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,9 +89,10 @@ async fn urls_are_checked_and_the_token_never_printed() {
         "consul://a:1,b:2",
         "consul://h?timeout=soon",
     ] {
-        let e = latchkey_consul::connect(BackendUrl::parse(bad).unwrap())
-            .await
-            .unwrap_err();
+        let e = match latchkey_consul::connect(BackendUrl::parse(bad).unwrap()).await {
+            Ok(_) => panic!("{bad} was accepted"),
+            Err(e) => e,
+        };
         assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
     }
     let url = BackendUrl::parse("consul://127.0.0.1:1?token=s3cret-token&dc=dc9").unwrap();
@@ -291,7 +291,7 @@ async fn sim_wrong_acl_token_is_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_session_invalidation_fires_lost_and_stale_fenced_write_fails() {
     let sim = latchkey_consul_sim::ConsulSim::start().unwrap();
-    let (a, c) = (open(sim.url(), "inv").await, open(sim.url(), "inv").await);
+    let (a, c) = (open(&sim.url(), "inv").await, open(&sim.url(), "inv").await);
     let g = a.lock("x", LockOptions::default()).await.unwrap();
     assert!(
         a.txn(
@@ -324,7 +324,9 @@ async fn sim_session_invalidation_fires_lost_and_stale_fenced_write_fails() {
         Some(Bytes::from("1"))
     );
     g2.release().await.unwrap();
-    // The dead session is replaced: the first handle can lock again.
+    // Releasing the lost guard is Ok and gives up its local turn; the dead
+    // session is replaced: the first handle can lock again.
+    g.release().await.unwrap();
     let g3 = a.lock("x", LockOptions::default()).await.unwrap();
     assert!(g3.fencing_token() > g2.fencing_token());
     g3.release().await.unwrap();
