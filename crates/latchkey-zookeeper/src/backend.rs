@@ -84,8 +84,9 @@ impl fmt::Debug for ZookeeperBackend {
     }
 }
 
+/// A key TTL as ZooKeeper keeps it: whole milliseconds, at least one.
 fn ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis() as u64)
+    Duration::from_millis((d.as_millis() as u64).max(1))
 }
 
 impl ZookeeperBackend {

@@ -70,19 +70,13 @@ fn push_escaped(out: &mut String, c: char) {
 
 /// Encodes a key (or namespace, or lock name) into one legal znode name.
 pub fn encode_key(key: &str) -> String {
-    if key == "." || key == ".." || key.is_empty() {
-        // Empty only for the empty namespace, which callers never encode;
-        // kept total so the function never yields an illegal segment.
-        let mut out = String::from("%");
-        if key.is_empty() {
-            out.push_str("00");
-            return out;
-        }
-        out.clear();
-        for _ in 0..key.len() {
-            out.push_str("%2E");
-        }
-        return out;
+    if key.is_empty() {
+        // Never a key (core rejects empty keys); kept total so the result
+        // is always a legal segment. Decodes to no key.
+        return "%".to_string();
+    }
+    if key == "." || key == ".." {
+        return "%2E".repeat(key.len());
     }
     let mut out = String::with_capacity(key.len() + 8);
     for c in key.chars() {
@@ -205,6 +199,7 @@ mod tests {
         assert_eq!(decode_key("%61"), None);
         assert_eq!(decode_key("%2f"), None);
         assert_eq!(decode_key("%"), None);
+        assert_eq!(encode_key(""), "%");
     }
 
     #[test]
