@@ -335,3 +335,35 @@ async fn bad_urls() {
         assert!(matches!(r, Err(Error::InvalidUrl { .. })), "{u}: {r:?}");
     }
 }
+
+/// A deleted key's znode stays as a tombstone, so its `dataVersion` keeps
+/// growing across delete-and-recreate: a write pinned to a version read
+/// before the delete can never match the recreated key (no ABA).
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_keep_versions_growing() {
+    let h = open(&standalone_url(), &unique_namespace("zk-aba"), "")
+        .await
+        .unwrap();
+    let path = h.key_path("k");
+    let r1 = h
+        .put("k", Bytes::from("same"), PutOptions::default())
+        .await
+        .unwrap();
+    let (_, before) = h.client().get_data(&path).await.unwrap();
+    assert!(h.delete("k", DeleteOptions::default()).await.unwrap());
+    let r2 = h
+        .put("k", Bytes::from("same"), PutOptions::default())
+        .await
+        .unwrap();
+    let (_, after) = h.client().get_data(&path).await.unwrap();
+    assert_eq!(after.czxid, before.czxid, "the same znode: never deleted");
+    assert!(
+        after.version >= before.version + 2,
+        "versions never restart"
+    );
+    assert!(r2 > r1);
+    assert!(matches!(
+        h.put("k", Bytes::from("x"), PutOptions::if_revision(r1)).await,
+        Err(Error::Conflict { current: Some(r), .. }) if r == r2
+    ));
+}

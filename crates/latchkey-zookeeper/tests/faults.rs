@@ -481,3 +481,79 @@ async fn paused_holder_process() {
     g2.release().await.unwrap();
     let _ = holder.send("quit");
 }
+
+/// Changes made while a watcher's connection is down are not replayed by
+/// ZooKeeper (persistent watches carry no history): after the reconnect the
+/// stream re-reads every watched key and delivers the latest state of each,
+/// including keys deleted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_resyncs_after_reconnect() {
+    use futures::StreamExt;
+    use latchkey_core::{DeleteOptions, EventKind};
+    let server = spawn_zookeeper(options()).expect("zookeeper");
+    let proxy = FaultProxy::start(server.addr().unwrap()).expect("proxy");
+    let via = format!("zookeeper://{}", proxy.addr());
+    let ns = unique_namespace("zk-resync");
+    let writer = open(server.url(), &ns, "").await.expect("writer");
+    writer
+        .put("w/gone", Bytes::from("x"), PutOptions::default())
+        .await
+        .unwrap();
+    writer
+        .put("w/kept", Bytes::from("0"), PutOptions::default())
+        .await
+        .unwrap();
+    let watcher = open(&via, &ns, "session_timeout=4s")
+        .await
+        .expect("watcher");
+    let mut stream = watcher.watch("w/", None).await.unwrap();
+    // Cut the watcher off; it cannot reconnect until the proxy passes again.
+    proxy.refuse();
+    proxy.reset_connections();
+    let mut last_rev = 0;
+    for i in 1..=5 {
+        last_rev = writer
+            .put("w/kept", Bytes::from(i.to_string()), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    writer
+        .put("w/new", Bytes::from("n"), PutOptions::default())
+        .await
+        .unwrap();
+    assert!(writer
+        .delete("w/gone", DeleteOptions::default())
+        .await
+        .unwrap());
+    proxy.pass();
+    let mut kept = None;
+    let mut new = false;
+    let mut gone = false;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(kept == Some(last_rev) && new && gone) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = timeout(left, stream.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no final states after reconnect: kept={kept:?} new={new} gone={gone}")
+            })
+            .expect("stream open")
+            .expect("no error: the session survived");
+        match (ev.key.as_str(), ev.kind) {
+            ("w/kept", EventKind::Put) => {
+                assert!(
+                    kept.map_or(true, |r| ev.revision > r),
+                    "revisions increase per key"
+                );
+                kept = Some(ev.revision);
+            }
+            ("w/new", EventKind::Put) => new = true,
+            ("w/gone", EventKind::Delete) => gone = true,
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(
+        watcher.get("w/kept").await.unwrap().unwrap().value,
+        Bytes::from("5")
+    );
+}
