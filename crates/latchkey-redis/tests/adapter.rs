@@ -902,3 +902,170 @@ async fn expiry_without_a_watch_is_reported_by_the_next_watch() {
     let c = again.next().await.unwrap().unwrap();
     assert_eq!(c.key, "z");
 }
+
+// ------------------------------------------------------------ FIFO queue
+
+async fn zcard(con: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("ZCARD").arg(key).query_async(con).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_only_the_head_waiter() {
+    let base = shared_url();
+    let ns = unique_namespace("herd");
+    let mut con = raw(&base).await;
+    let queue = format!("latchkey:{{{ns}}}:queue:x");
+    let holder = open(&base, &ns).await;
+    let opts = LockOptions::ttl(Duration::from_secs(30));
+    let g = holder.lock("x", opts.clone()).await.unwrap();
+    let mut waiters = Vec::new();
+    for i in 0..8u64 {
+        let h = open(&base, &ns).await;
+        let h2 = h.clone();
+        let o = opts.clone();
+        let task = tokio::spawn(async move { h2.lock("x", o).await });
+        eventually(Duration::from_secs(5), "the waiter to queue", || {
+            let mut con = con.clone();
+            let queue = queue.clone();
+            async move { (zcard(&mut con, &queue).await == i + 1).then_some(()) }
+        })
+        .await;
+        waiters.push((h, task));
+    }
+    // Let every waiter reach its wait (after queueing it subscribes and
+    // tries once more).
+    eventually(Duration::from_secs(5), "the waiters to subscribe", || {
+        let mut con = con.clone();
+        let pattern = format!("latchkey:{{{ns}}}:released:x:*");
+        async move {
+            let chans: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg(&pattern)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            (chans.len() == 8).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before: Vec<u64> = waiters.iter().map(|(h, _)| h.op_count()).collect();
+    g.release().await.unwrap();
+    // The first to queue gets the lock...
+    let (first, task) = waiters.remove(0);
+    let g1 = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the head acquires")
+        .unwrap()
+        .unwrap();
+    // Its attempt (and, in the background, the UNSUBSCRIBE of its channel).
+    let sent = first.op_count() - before[0];
+    assert!((1..=2).contains(&sent), "the head sent {sent} requests");
+    // ...and nobody else was woken: no other waiter sent a request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (i, (h, task)) in waiters.iter().enumerate() {
+        assert_eq!(h.op_count(), before[i + 1], "waiter {} was woken", i + 1);
+        assert!(!task.is_finished());
+    }
+    // Hand-over continues in queue order, each release waking one.
+    let mut token = g1.fencing_token();
+    g1.release().await.unwrap();
+    for (_, task) in waiters {
+        let g = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the next in line acquires")
+            .unwrap()
+            .unwrap();
+        assert!(g.fencing_token() > token);
+        token = g.fencing_token();
+        g.release().await.unwrap();
+    }
+    assert_eq!(zcard(&mut con, &queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_waiter_does_not_block_the_queue() {
+    let base = shared_url();
+    let ns = unique_namespace("crashed");
+    let mut con = raw(&base).await;
+    let h = open(&base, &ns).await;
+    let g = h
+        .lock("x", LockOptions::ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // A waiter that queued and died without leaving: its entry is first in
+    // line, with a lease that runs out in 300 ms.
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(format!("latchkey:{{{ns}}}:queue:x"))
+        .arg(0)
+        .arg("dead-waiter")
+        .ignore()
+        .cmd("ZADD")
+        .arg(format!("latchkey:{{{ns}}}:waiters:x"))
+        .arg(now_ms + 300)
+        .arg("dead-waiter")
+        .ignore()
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let w = open(&base, &ns).await;
+    let waiter = tokio::spawn(async move {
+        let t = Instant::now();
+        let g = w.lock("x", LockOptions::ttl(Duration::from_secs(30))).await;
+        (g, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    g.release().await.unwrap();
+    // The release woke the dead head (nobody listens); the live waiter's
+    // wait is bounded by the dead one's lease, then it is first in line.
+    let (g2, took) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the live waiter is not stuck behind the dead one")
+        .unwrap();
+    g2.unwrap().release().await.unwrap();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        zcard(&mut con, &format!("latchkey:{{{ns}}}:queue:x")).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn try_lock_does_not_jump_the_queue() {
+    let base = shared_url();
+    let ns = unique_namespace("nojump");
+    let mut con = raw(&base).await;
+    let (a, b, c) = (
+        open(&base, &ns).await,
+        open(&base, &ns).await,
+        open(&base, &ns).await,
+    );
+    let opts = LockOptions::ttl(Duration::from_secs(30));
+    let g = a.lock("x", opts.clone()).await.unwrap();
+    let o = opts.clone();
+    let waiter = tokio::spawn(async move { b.lock("x", o).await.map(|g| (g, b)) });
+    let queue = format!("latchkey:{{{ns}}}:queue:x");
+    eventually(Duration::from_secs(5), "b to queue", || {
+        let mut con = con.clone();
+        let queue = queue.clone();
+        async move { (zcard(&mut con, &queue).await == 1).then_some(()) }
+    })
+    .await;
+    // Whatever the timing of the hand-over, c's try_lock never takes the
+    // lock while b waits for it: b gets it next.
+    g.release().await.unwrap();
+    assert!(c.try_lock("x", opts.clone()).await.unwrap().is_none());
+    let (g2, _b) = waiter.await.unwrap().unwrap();
+    assert!(c.try_lock("x", opts.clone()).await.unwrap().is_none());
+    g2.release().await.unwrap();
+    c.try_lock("x", opts)
+        .await
+        .unwrap()
+        .expect("free with nobody queued")
+        .release()
+        .await
+        .unwrap();
+}
