@@ -4,7 +4,7 @@
 //! with the same guarantees as a lock; histories are checked with the
 //! exclusion checker and a generalised "at most N at once" checker.
 
-use crate::case::{b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx, Fail};
+use crate::case::{b, ensure, ensure_eq, expect_err, poll_until, CaseResult, Cx, ErrCtx, Fail};
 use crate::checkers::{check_exclusion, Clock, Holding};
 use futures::StreamExt;
 use latchkey_core::{
@@ -105,6 +105,89 @@ async fn next_leader(
         ))),
         Ok(Some(Err(e))) => Err(Fail(format!("expected {what}, observe failed: {e}"))),
         Ok(Some(Ok(l))) => Ok(l),
+    }
+}
+
+/// The backend under test with watches that the case can break on
+/// demand (each live watch ends with an `Unavailable` error, as after a
+/// dropped connection), to drive a mirror's resynchronisation through the
+/// backend's real `list` and `watch`.
+struct BreakableWatches {
+    inner: Arc<dyn Backend>,
+    kill: tokio::sync::watch::Sender<u64>,
+}
+
+#[async_trait::async_trait]
+impl latchkey_core::KvStore for BreakableWatches {
+    async fn get(&self, key: &str) -> latchkey_core::Result<Option<latchkey_core::KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        opts: PutOptions,
+    ) -> latchkey_core::Result<latchkey_core::Revision> {
+        self.inner.put(key, value, opts).await
+    }
+    async fn delete(&self, key: &str, opts: DeleteOptions) -> latchkey_core::Result<bool> {
+        self.inner.delete(key, opts).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        opts: ListOptions,
+    ) -> latchkey_core::Result<Vec<latchkey_core::KeyValue>> {
+        self.inner.list(prefix, opts).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: Option<latchkey_core::Revision>,
+    ) -> latchkey_core::Result<latchkey_core::WatchStream> {
+        let mut kill = self.kill.subscribe();
+        kill.borrow_and_update();
+        let name = self.inner.name();
+        let live = self.inner.watch(prefix, from).await?;
+        let broken = futures::stream::once(async move {
+            let _ = kill.changed().await;
+            Err(Error::unavailable(name, "watch broken by the case"))
+        });
+        Ok(futures::stream::select(live, broken).boxed())
+    }
+}
+
+#[async_trait::async_trait]
+impl latchkey_core::Txn for BreakableWatches {
+    async fn txn(&self, txn: TxnRequest) -> latchkey_core::Result<latchkey_core::TxnOutcome> {
+        self.inner.txn(txn).await
+    }
+}
+
+#[async_trait::async_trait]
+impl latchkey_core::DistributedLock for BreakableWatches {
+    async fn lock(
+        &self,
+        name: &str,
+        opts: latchkey_core::LockOptions,
+    ) -> latchkey_core::Result<latchkey_core::LockGuard> {
+        self.inner.lock(name, opts).await
+    }
+    async fn try_lock(
+        &self,
+        name: &str,
+        opts: latchkey_core::LockOptions,
+    ) -> latchkey_core::Result<Option<latchkey_core::LockGuard>> {
+        self.inner.try_lock(name, opts).await
+    }
+}
+
+impl Backend for BreakableWatches {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 }
 
@@ -314,13 +397,10 @@ cases! {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                 let mut hist = Vec::new();
                 for _ in 0..8 {
-                    match rng.random_range(0..10) {
-                        0..=1 => {
-                            // A waiter that gives up (its future is dropped).
-                            let _ = tokio::time::timeout(Duration::from_millis(20), sem.acquire("s", N)).await;
-                            continue;
-                        }
-                        _ => {}
+                    if rng.random_range(0..10) < 2 {
+                        // A waiter that gives up (its future is dropped).
+                        let _ = tokio::time::timeout(Duration::from_millis(20), sem.acquire("s", N)).await;
+                        continue;
                     }
                     let p = sem.acquire("s", N).await.ctx("acquire")?;
                     let acquired = clock.now();
@@ -510,8 +590,8 @@ cases! {
         let clock = Clock::new();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
-        for i in 0..3usize {
-            let rw = RwLock::new(hs[i].clone(), "rw").ctx("RwLock::new")?.with_ttl(cx.long_lock_ttl());
+        for h in hs.iter().take(3) {
+            let rw = RwLock::new(h.clone(), "rw").ctx("RwLock::new")?.with_ttl(cx.long_lock_ttl());
             let stop = stop.clone();
             readers.push(tokio::spawn(async move {
                 let mut hist = Vec::new();
@@ -689,6 +769,39 @@ cases! {
         }
         writer.await.map_err(|e| Fail(format!("writer panicked: {e}")))??;
         ensure_eq!(m.resyncs(), 0, "resyncs of a mirror whose watch never failed");
+        Ok(())
+    }
+
+    /// A mirror whose watch fails (as after a dropped connection)
+    /// resynchronises: writes and a delete made while its watch was broken
+    /// all show in the new state, swapped in whole (`resyncs()` and the
+    /// snapshot's generation count it), and it keeps following afterwards.
+    #[case("recipes::mirror_resyncs_after_watch_failure")]
+    async fn mirror_resync(cx: Cx) -> CaseResult {
+        let (a, c) = (cx.open().await?, cx.open().await?);
+        a.put("m/keep", b("1"), PutOptions::default()).await.ctx("put")?;
+        a.put("m/gone", b("1"), PutOptions::default()).await.ctx("put")?;
+        let kill = tokio::sync::watch::channel(0u64).0;
+        let flaky: Arc<dyn Backend> = Arc::new(BreakableWatches { inner: c, kill: kill.clone() });
+        let m = Mirror::start(flaky, "m/").await.ctx("Mirror::start")?;
+        ensure_eq!(m.snapshot().len(), 2, "keys in the first mirror state");
+        kill.send_modify(|n| *n += 1);
+        a.delete("m/gone", DeleteOptions::default()).await.ctx("delete")?;
+        let r = a.put("m/new", b("2"), PutOptions::default()).await.ctx("put")?;
+        let s = tokio::time::timeout(Duration::from_secs(20), m.wait_for(r)).await
+            .map_err(|_| Fail(format!("expected the mirror to resynchronise to revision {r} within 20 s (last error: {:?})", m.last_error())))?
+            .ctx("wait_for")?;
+        let keys: Vec<String> = s.iter().map(|kv| kv.key.clone()).collect();
+        ensure_eq!(keys, vec!["m/keep".to_string(), "m/new".to_string()], "the mirrored keys after the resync");
+        let resyncs = poll_until(Duration::from_secs(10), "the resync to be counted", || {
+            let m = m.clone();
+            async move { Ok(Some(m.resyncs()).filter(|n| *n > 0)) }
+        }).await?;
+        ensure!(resyncs >= 1 && m.snapshot().generation() >= 1, "expected the resync to be counted, resyncs = {resyncs}, generation = {}", m.snapshot().generation());
+        let r = a.put("m/after", b("3"), PutOptions::default()).await.ctx("put")?;
+        let s = tokio::time::timeout(Duration::from_secs(10), m.wait_for(r)).await
+            .map_err(|_| Fail("expected the mirror to keep following after the resync".into()))?.ctx("wait_for")?;
+        ensure_eq!(s.get("m/after").map(|kv| kv.value.clone()), Some(b("3")), "m/after in the mirror");
         Ok(())
     }
 }
