@@ -99,7 +99,9 @@ pub(crate) fn map_read(e: etcd_client::Error) -> Error {
         },
         Fault::NotSent | Fault::Ambiguous => Error::unavailable(BACKEND, message(&e)),
         Fault::Compacted => Error::Compacted { oldest: 0 },
-        Fault::Invalid => Error::InvalidArgument(format!("etcd refused the request: {}", message(&e))),
+        Fault::Invalid => {
+            Error::InvalidArgument(format!("etcd refused the request: {}", message(&e)))
+        }
         Fault::Other => Error::backend(BACKEND, e),
     }
 }
@@ -138,9 +140,7 @@ impl Shared {
             "etcd" => false,
             "etcds" => true,
             other => {
-                return Err(url.invalid(&format!(
-                    "scheme {other}:// is not etcd:// or etcds://"
-                )))
+                return Err(url.invalid(&format!("scheme {other}:// is not etcd:// or etcds://")))
             }
         };
         url.expect_params(&["timeout", "ca", "connect_timeout"])?;
@@ -241,8 +241,12 @@ impl Shared {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        self.retrying(f, |fault| matches!(fault, Fault::NotSent | Fault::Ambiguous), map_read)
-            .await
+        self.retrying(
+            f,
+            |fault| matches!(fault, Fault::NotSent | Fault::Ambiguous),
+            map_read,
+        )
+        .await
     }
 
     /// Runs a write: retried only when it surely never reached a server;
@@ -317,9 +321,7 @@ impl Shared {
             }
         }
         let sent = Instant::now();
-        let (lease, _) = self
-            .grant(Duration::from_secs(secs) + SHARE_WINDOW)
-            .await?;
+        let (lease, _) = self.grant(Duration::from_secs(secs) + SHARE_WINDOW).await?;
         let mut m = self.kv_leases.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, (_, at)| at.elapsed() < SHARE_WINDOW);
         m.insert(secs, (lease, sent));

@@ -23,7 +23,11 @@ fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> Revision {
 
 /// Converts etcd key-values of this namespace into latchkey's, with TTLs.
 async fn convert(sh: &Shared, kvs: &[EKv], keys_only: bool) -> Result<Vec<KeyValue>> {
-    let leases: Vec<i64> = kvs.iter().map(|kv| kv.lease()).filter(|l| *l != 0).collect();
+    let leases: Vec<i64> = kvs
+        .iter()
+        .map(|kv| kv.lease())
+        .filter(|l| *l != 0)
+        .collect();
     let ttls = if leases.is_empty() {
         HashMap::new()
     } else {
@@ -41,7 +45,8 @@ async fn convert(sh: &Shared, kvs: &[EKv], keys_only: bool) -> Result<Vec<KeyVal
                     Bytes::copy_from_slice(kv.value())
                 },
                 revision: kv.mod_revision().max(0) as u64,
-                lease_ttl: (kv.lease() != 0).then(|| ttls.get(&kv.lease()).copied().unwrap_or_default()),
+                lease_ttl: (kv.lease() != 0)
+                    .then(|| ttls.get(&kv.lease()).copied().unwrap_or_default()),
             })
         })
         .collect())
@@ -59,7 +64,12 @@ pub(crate) async fn get(sh: &Shared, key: &str) -> Result<Option<KeyValue>> {
     Ok(convert(sh, resp.kvs(), false).await?.into_iter().next())
 }
 
-pub(crate) async fn put(sh: &Shared, key: &str, value: Bytes, opts: PutOptions) -> Result<Revision> {
+pub(crate) async fn put(
+    sh: &Shared,
+    key: &str,
+    value: Bytes,
+    opts: PutOptions,
+) -> Result<Revision> {
     validate::key(key)?;
     validate::value(key, &value)?;
     if let Some(t) = opts.ttl {
@@ -76,7 +86,11 @@ pub(crate) async fn put(sh: &Shared, key: &str, value: Bytes, opts: PutOptions) 
         cmps.push(ECompare::create_revision(k.clone(), CompareOp::Equal, 0));
     }
     if let Some(r) = opts.if_revision {
-        cmps.push(ECompare::mod_revision(k.clone(), CompareOp::Equal, rev_i64(r)));
+        cmps.push(ECompare::mod_revision(
+            k.clone(),
+            CompareOp::Equal,
+            rev_i64(r),
+        ));
     }
     if cmps.is_empty() {
         let resp = sh
@@ -89,8 +103,15 @@ pub(crate) async fn put(sh: &Shared, key: &str, value: Bytes, opts: PutOptions) 
     }
     let txn = ETxn::new()
         .when(cmps)
-        .and_then([TxnOp::put(k.clone(), value.to_vec(), Some(EPut::new().with_lease(lease)))])
-        .or_else([TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only()))]);
+        .and_then([TxnOp::put(
+            k.clone(),
+            value.to_vec(),
+            Some(EPut::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(
+            k.clone(),
+            Some(GetOptions::new().with_keys_only()),
+        )]);
     let resp = sh
         .write(&format!("conditional put {key:?}"), |mut c| {
             let txn = txn.clone();
@@ -127,9 +148,16 @@ pub(crate) async fn delete(sh: &Shared, key: &str, opts: DeleteOptions) -> Resul
         }
         Some(r) => {
             let txn = ETxn::new()
-                .when([ECompare::mod_revision(k.clone(), CompareOp::Equal, rev_i64(r))])
+                .when([ECompare::mod_revision(
+                    k.clone(),
+                    CompareOp::Equal,
+                    rev_i64(r),
+                )])
                 .and_then([TxnOp::delete(k.clone(), None)])
-                .or_else([TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only()))]);
+                .or_else([TxnOp::get(
+                    k.clone(),
+                    Some(GetOptions::new().with_keys_only()),
+                )]);
             let resp = sh
                 .write(&format!("conditional delete {key:?}"), |mut c| {
                     let txn = txn.clone();
@@ -139,7 +167,9 @@ pub(crate) async fn delete(sh: &Shared, key: &str, opts: DeleteOptions) -> Resul
             if !resp.succeeded() {
                 return Err(Error::conflict(key, current_of(&resp.op_responses())));
             }
-            Ok(matches!(resp.op_responses().first(), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0))
+            Ok(
+                matches!(resp.op_responses().first(), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0),
+            )
         }
     }
 }
@@ -224,7 +254,11 @@ pub(crate) async fn txn(sh: &Shared, req: TxnRequest, max_ops: usize) -> Result<
             .map(|op| match op {
                 Op::Put { key, value, ttl } => {
                     let lease = ttl.map_or(0, |t| leases[&crate::conn::ttl_secs(t)]);
-                    TxnOp::put(sh.layout.kv(key), value.to_vec(), Some(EPut::new().with_lease(lease)))
+                    TxnOp::put(
+                        sh.layout.kv(key),
+                        value.to_vec(),
+                        Some(EPut::new().with_lease(lease)),
+                    )
                 }
                 Op::Delete { key } => TxnOp::delete(sh.layout.kv(key), None),
                 Op::Get { key } => TxnOp::get(sh.layout.kv(key), None),
@@ -250,7 +284,11 @@ pub(crate) async fn txn(sh: &Shared, req: TxnRequest, max_ops: usize) -> Result<
         sh.read(run).await?
     };
     let revision = header_rev(resp.header());
-    let branch = if resp.succeeded() { &req.then } else { &req.otherwise };
+    let branch = if resp.succeeded() {
+        &req.then
+    } else {
+        &req.otherwise
+    };
     let mut results = Vec::with_capacity(branch.len());
     for (op, r) in branch.iter().zip(resp.op_responses()) {
         results.push(match (op, r) {

@@ -99,7 +99,9 @@ mod tests {
         let a = Layout::new("a").kv("kv/x");
         let b = Layout::new("a/kv").kv("x");
         assert_ne!(a, b);
-        assert!(!Layout::new("ab").kv("").starts_with(&Layout::new("a").kv("")));
+        assert!(!Layout::new("ab")
+            .kv("")
+            .starts_with(&Layout::new("a").kv("")));
         // Lock `a` never ranges over the entries of lock `a/b`.
         let l = Layout::new("");
         assert!(!l.lock_entry("a/b", 1).starts_with(&l.lock_dir("a")));

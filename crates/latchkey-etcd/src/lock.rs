@@ -108,7 +108,9 @@ impl Renewer for KeepAlive {
                     let mut c = self.sh.req();
                     match c.lease_keep_alive(self.st.lease).await {
                         Ok(pair) => *s = Some(pair),
-                        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                        Err(etcd_client::Error::LeaseKeepAliveError(m))
+                            if m.contains("not found") =>
+                        {
                             return self.lost()
                         }
                         Err(e) => return Err(map_read(e)),
@@ -125,7 +127,10 @@ impl Renewer for KeepAlive {
                         Ok(Some(resp)) => ttl = Some(Duration::from_secs(resp.ttl() as u64)),
                         Ok(None) => {
                             *s = None;
-                            return Err(Error::unavailable(crate::BACKEND, "keep-alive stream closed"));
+                            return Err(Error::unavailable(
+                                crate::BACKEND,
+                                "keep-alive stream closed",
+                            ));
                         }
                         Err(e) => {
                             *s = None;
@@ -141,8 +146,11 @@ impl Renewer for KeepAlive {
             let resp = self
                 .sh
                 .read(|mut c| async move {
-                    c.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()))
-                        .await
+                    c.lease_time_to_live(
+                        lease,
+                        Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+                    )
+                    .await
                 })
                 .await?;
             if resp.ttl() <= 0 {
@@ -236,7 +244,12 @@ impl Locks {
     }
 
     /// `lock` (`wait = true`) and `try_lock` (`wait = false`).
-    pub(crate) async fn acquire(&self, name: &str, opts: &LockOptions, wait: bool) -> Result<Option<LockGuard>> {
+    pub(crate) async fn acquire(
+        &self,
+        name: &str,
+        opts: &LockOptions,
+        wait: bool,
+    ) -> Result<Option<LockGuard>> {
         let turn = if wait {
             self.local.turn(name).await
         } else {
@@ -311,7 +324,11 @@ impl Locks {
     async fn acquire_now(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
         let txn = ETxn::new()
             .when([ECompare::create_revision(dir, CompareOp::Equal, 0).with_prefix()])
-            .and_then([TxnOp::put(key, "", Some(EPut::new().with_lease(slot.st.lease)))]);
+            .and_then([TxnOp::put(
+                key,
+                "",
+                Some(EPut::new().with_lease(slot.st.lease)),
+            )]);
         let resp = self
             .sh
             .read(|mut c| {
@@ -372,20 +389,32 @@ impl Locks {
                 let my_rev = header;
                 let owner = kvs(1).first().map(|kv| kv.create_revision());
                 if owner == Some(my_rev) {
-                    return Ok(Acquired { my_rev, header, pred: None });
+                    return Ok(Acquired {
+                        my_rev,
+                        header,
+                        pred: None,
+                    });
                 }
                 let pred = kvs(2)
                     .into_iter()
                     .find(|kv| kv.create_revision() < my_rev)
                     .map(|kv| kv.key().to_vec());
-                return Ok(Acquired { my_rev, header, pred });
+                return Ok(Acquired {
+                    my_rev,
+                    header,
+                    pred,
+                });
             }
             let mine = kvs(0).first().map(|kv| kv.create_revision()).unwrap_or(0);
             if attempts.load(Ordering::Relaxed) > 1 || stale_deleted || mine == 0 {
                 // Our own earlier attempt created it: take it.
                 let owner = kvs(1).first().map(|kv| kv.create_revision());
                 if owner == Some(mine) {
-                    return Ok(Acquired { my_rev: mine, header, pred: None });
+                    return Ok(Acquired {
+                        my_rev: mine,
+                        header,
+                        pred: None,
+                    });
                 }
                 // The predecessor is found by the next read.
                 return Ok(Acquired {
@@ -462,7 +491,12 @@ impl Locks {
     }
 
     /// Waits for the deletion of `key` at or after revision `from`.
-    async fn wait_deleted(&self, key: &[u8], from: i64, dead: &mut watch::Receiver<bool>) -> Result<()> {
+    async fn wait_deleted(
+        &self,
+        key: &[u8],
+        from: i64,
+        dead: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
         let opts = WatchOptions::new()
             .with_start_revision(from)
             .with_filters([WatchFilterType::NoPut]);
@@ -570,7 +604,10 @@ impl GuardOps for Ops {
         // Later locks of this handle get a new lease (and new entry keys).
         {
             let mut slots = lock_mutex(&self.slots);
-            if slots.get(&self.secs).is_some_and(|s| Arc::ptr_eq(s, &self.slot)) {
+            if slots
+                .get(&self.secs)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+            {
                 slots.remove(&self.secs);
             }
         }
@@ -588,7 +625,11 @@ impl GuardOps for Ops {
                     CompareOp::Equal,
                     entry.token as i64,
                 )])
-                .and_then([TxnOp::put(entry.id.clone(), "", Some(EPut::new().with_lease(lease)))]);
+                .and_then([TxnOp::put(
+                    entry.id.clone(),
+                    "",
+                    Some(EPut::new().with_lease(lease)),
+                )]);
             let _ = sh
                 .read(|mut c| {
                     let txn = txn.clone();

@@ -41,7 +41,11 @@ async fn open(sh: &Shared, key: &str, start: i64) -> Result<(etcd_client::WatchS
     Ok((s, rev))
 }
 
-pub(crate) async fn watch(sh: Arc<Shared>, prefix: &str, from: Option<Revision>) -> Result<WatchStream> {
+pub(crate) async fn watch(
+    sh: Arc<Shared>,
+    prefix: &str,
+    from: Option<Revision>,
+) -> Result<WatchStream> {
     validate::prefix(prefix)?;
     let key = sh.layout.kv(prefix);
     let start = from.map_or(0, |r| i64::try_from(r.max(1)).unwrap_or(i64::MAX));
@@ -91,7 +95,10 @@ async fn run(
                                 .await;
                             return;
                         }
-                        tracing::debug!(reason = resp.cancel_reason(), "etcd cancelled a watch; resuming");
+                        tracing::debug!(
+                            reason = resp.cancel_reason(),
+                            "etcd cancelled a watch; resuming"
+                        );
                         break;
                     }
                     let mut last = 0;

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_conformance::checkers::{check_exclusion, Clock, Holding};
 use latchkey_core::{
-    Backend, BackendUrl, Compare, DistributedLock, Error, EventKind, KvStore, LockOptions, Op,
-    PutOptions, Txn, TxnRequest,
+    BackendUrl, Compare, DistributedLock, Error, EventKind, KvStore, LockOptions, Op, PutOptions,
+    Txn, TxnRequest,
 };
 use latchkey_etcd::EtcdBackend;
 use latchkey_testkit::{EtcdOptions, FaultProxy};
@@ -66,17 +66,33 @@ fn server_unary_calls(addr: SocketAddr) -> (u64, u64) {
 async fn uncontended_lock_release_is_two_requests() {
     let server = spawn_etcd(EtcdOptions::default()).await;
     let addr = server.addr().unwrap();
-    let (h, other) = (open(server.url(), "rt").await, open(server.url(), "rt").await);
+    let (h, other) = (
+        open(server.url(), "rt").await,
+        open(server.url(), "rt").await,
+    );
     let opts = LockOptions::ttl(Duration::from_secs(30));
     // Warm-up: grants the handle's lease and opens nothing else.
-    h.lock("x", opts.clone()).await.unwrap().release().await.unwrap();
+    h.lock("x", opts.clone())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
 
     let (c0, (s0, t0)) = (h.op_count(), server_unary_calls(addr));
     let g = h.lock("x", opts.clone()).await.unwrap();
     g.release().await.unwrap();
     let (c1, (s1, t1)) = (h.op_count(), server_unary_calls(addr));
-    assert_eq!(c1 - c0, 2, "requests counted by the client for lock + release");
-    assert_eq!(s1 - s0, 2, "unary calls counted by the server for lock + release");
+    assert_eq!(
+        c1 - c0,
+        2,
+        "requests counted by the client for lock + release"
+    );
+    assert_eq!(
+        s1 - s0,
+        2,
+        "unary calls counted by the server for lock + release"
+    );
     assert_eq!(t1 - t0, 2, "txns counted by the server for lock + release");
 
     // try_lock on a held lock: one request, and nothing is left behind.
@@ -87,7 +103,10 @@ async fn uncontended_lock_release_is_two_requests() {
     assert_eq!(other.op_count() - c0, 1, "requests of a busy try_lock");
     let mut raw = admin(addr).await;
     let entries = raw
-        .get("latchkey@rt/lock/x/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            "latchkey@rt/lock/x/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(entries.kvs().len(), 1, "only the holder's entry exists");
@@ -99,12 +118,23 @@ async fn uncontended_lock_release_is_two_requests() {
 async fn compacted_watch_start_is_compacted() {
     let server = spawn_etcd(EtcdOptions::default()).await;
     let h = open(server.url(), "cw").await;
-    let r1 = h.put("k", Bytes::from("1"), PutOptions::default()).await.unwrap();
-    h.put("k", Bytes::from("2"), PutOptions::default()).await.unwrap();
-    let r3 = h.put("k", Bytes::from("3"), PutOptions::default()).await.unwrap();
+    let r1 = h
+        .put("k", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    h.put("k", Bytes::from("2"), PutOptions::default())
+        .await
+        .unwrap();
+    let r3 = h
+        .put("k", Bytes::from("3"), PutOptions::default())
+        .await
+        .unwrap();
     admin(server.addr().unwrap())
         .await
-        .compact(r3 as i64, Some(etcd_client::CompactionOptions::new().with_physical()))
+        .compact(
+            r3 as i64,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
         .await
         .unwrap();
     let mut s = h.watch("", Some(r1)).await.unwrap();
@@ -151,11 +181,19 @@ async fn wrong_or_missing_credentials_are_auth() {
         .await
         .unwrap();
     assert!(!format!("{h:?}").contains("s3cret-pw"));
-    let r = h.put("k", Bytes::from("v"), PutOptions::default()).await.unwrap();
+    let r = h
+        .put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
     assert_eq!(h.get("k").await.unwrap().unwrap().revision, r);
-    let g = h.lock("l", LockOptions::ttl(Duration::from_secs(5))).await.unwrap();
+    let g = h
+        .lock("l", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
     let mut s = h.watch("w", None).await.unwrap();
-    h.put("w", Bytes::from("x"), PutOptions::default()).await.unwrap();
+    h.put("w", Bytes::from("x"), PutOptions::default())
+        .await
+        .unwrap();
     assert_eq!(s.next().await.unwrap().unwrap().key, "w");
     g.release().await.unwrap();
 }
@@ -173,10 +211,18 @@ async fn etcds_with_a_test_ca() {
     .await;
     assert!(server.url().starts_with("etcds://"), "{}", server.url());
     let ca = format!("&ca={}", tls.ca.display());
-    let h = EtcdBackend::connect(&url(server.url(), "tls", &ca)).await.unwrap();
-    let r = h.put("k", Bytes::from("v"), PutOptions::default()).await.unwrap();
+    let h = EtcdBackend::connect(&url(server.url(), "tls", &ca))
+        .await
+        .unwrap();
+    let r = h
+        .put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
     assert_eq!(h.get("k").await.unwrap().unwrap().revision, r);
-    let g = h.lock("l", LockOptions::ttl(Duration::from_secs(5))).await.unwrap();
+    let g = h
+        .lock("l", LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
     g.release().await.unwrap();
     // Without the CA the server's certificate is not trusted.
     let untrusted = EtcdBackend::connect(&url(server.url(), "tls", "&timeout=2s")).await;
@@ -186,7 +232,9 @@ async fn etcds_with_a_test_ca() {
     );
     // Plain gRPC to a TLS port fails too.
     let plain = server.url().replacen("etcds://", "etcd://", 1);
-    assert!(EtcdBackend::connect(&url(&plain, "tls", "&timeout=2s")).await.is_err());
+    assert!(EtcdBackend::connect(&url(&plain, "tls", "&timeout=2s"))
+        .await
+        .is_err());
 }
 
 #[tokio::test]
@@ -219,27 +267,36 @@ async fn server_lock_rpc_and_our_locks_exclude_each_other() {
     let server = latchkey_testkit::etcd();
     let ns = latchkey_testkit::unique_namespace("interop");
     let h = open(server.url(), &ns).await;
-    let mut raw = etcd_client::Client::connect(
-        [server.url().replacen("etcd://", "http://", 1)],
-        None,
-    )
-    .await
-    .unwrap();
+    let mut raw =
+        etcd_client::Client::connect([server.url().replacen("etcd://", "http://", 1)], None)
+            .await
+            .unwrap();
     let name = format!("latchkey@{ns}/lock/x");
     let lease = raw.lease_grant(30, None).await.unwrap().id();
     let held = raw
-        .lock(name.clone(), Some(etcd_client::LockOptions::new().with_lease(lease)))
+        .lock(
+            name.clone(),
+            Some(etcd_client::LockOptions::new().with_lease(lease)),
+        )
         .await
         .unwrap();
     let opts = LockOptions::ttl(Duration::from_secs(10));
     assert!(h.try_lock("x", opts.clone()).await.unwrap().is_none());
     assert!(matches!(
-        h.lock("x", opts.clone().with_wait(Duration::from_millis(300))).await,
+        h.lock("x", opts.clone().with_wait(Duration::from_millis(300)))
+            .await,
         Err(Error::Timeout { .. })
     ));
     raw.unlock(held.key().to_vec()).await.unwrap();
-    let g = h.lock("x", opts.clone().with_wait(Duration::from_secs(5))).await.unwrap();
-    assert!(g.entry().id.starts_with(&format!("{name}/")), "{}", g.entry().id);
+    let g = h
+        .lock("x", opts.clone().with_wait(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        g.entry().id.starts_with(&format!("{name}/")),
+        "{}",
+        g.entry().id
+    );
     // The Lock RPC waits while we hold the lock, and gets it after release.
     let lease2 = raw.lease_grant(30, None).await.unwrap().id();
     let mut raw2 = raw.clone();
@@ -267,10 +324,16 @@ async fn server_lock_rpc_and_our_locks_exclude_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holder_cut_off_past_its_ttl_loses_and_is_fenced() {
     let server = latchkey_testkit::etcd();
-    let addr = server.addr().expect("a spawned etcd (the proxy needs its address)");
+    let addr = server
+        .addr()
+        .expect("a spawned etcd (the proxy needs its address)");
     let proxy = FaultProxy::start(addr).unwrap();
     let ns = latchkey_testkit::unique_namespace("cutoff");
-    let holder = open(&format!("etcd://127.0.0.1:{}?timeout=1s", proxy.port()), &ns).await;
+    let holder = open(
+        &format!("etcd://127.0.0.1:{}?timeout=1s", proxy.port()),
+        &ns,
+    )
+    .await;
     let other = open(server.url(), &ns).await;
     let ttl = Duration::from_secs(2);
     let old = holder.lock("x", LockOptions::ttl(ttl)).await.unwrap();
@@ -280,9 +343,15 @@ async fn holder_cut_off_past_its_ttl_loses_and_is_fenced() {
         .await
         .expect("lost() fires once the lease cannot be renewed for a TTL");
     let lost_after = t.elapsed();
-    assert!(lost_after <= ttl + Duration::from_millis(500), "{lost_after:?}");
+    assert!(
+        lost_after <= ttl + Duration::from_millis(500),
+        "{lost_after:?}"
+    );
     let new = other
-        .lock("x", LockOptions::ttl(Duration::from_secs(30)).with_wait(Duration::from_secs(10)))
+        .lock(
+            "x",
+            LockOptions::ttl(Duration::from_secs(30)).with_wait(Duration::from_secs(10)),
+        )
         .await
         .unwrap();
     assert!(new.fencing_token() > old.fencing_token());
@@ -292,7 +361,11 @@ async fn holder_cut_off_past_its_ttl_loses_and_is_fenced() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let stale = loop {
         match holder
-            .txn(TxnRequest::new().when([Compare::held(&old)]).then([Op::put("f", "old")]))
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&old)])
+                    .then([Op::put("f", "old")]),
+            )
             .await
         {
             Ok(o) => break o,
@@ -303,16 +376,30 @@ async fn holder_cut_off_past_its_ttl_loses_and_is_fenced() {
             Err(e) => panic!("the holder never got through: {e}"),
         }
     };
-    assert!(!stale.succeeded, "a fenced write of the cut-off holder committed");
+    assert!(
+        !stale.succeeded,
+        "a fenced write of the cut-off holder committed"
+    );
     let fresh = other
-        .txn(TxnRequest::new().when([Compare::held(&new)]).then([Op::put("f", "new")]))
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&new)])
+                .then([Op::put("f", "new")]),
+        )
         .await
         .unwrap();
     assert!(fresh.succeeded);
-    assert_eq!(other.get("f").await.unwrap().unwrap().value, Bytes::from("new"));
+    assert_eq!(
+        other.get("f").await.unwrap().unwrap().value,
+        Bytes::from("new")
+    );
     // Its release is harmless to the new holder.
     old.release().await.unwrap();
-    assert!(other.try_lock("x", LockOptions::ttl(ttl)).await.unwrap().is_none());
+    assert!(other
+        .try_lock("x", LockOptions::ttl(ttl))
+        .await
+        .unwrap()
+        .is_none());
     new.release().await.unwrap();
 }
 
@@ -327,9 +414,11 @@ where
     loop {
         match f().await {
             Ok(v) => return v,
-            Err(e @ (Error::Unavailable { .. } | Error::Indeterminate { .. } | Error::Timeout { .. }))
-                if Instant::now() < deadline =>
-            {
+            Err(
+                e @ (Error::Unavailable { .. }
+                | Error::Indeterminate { .. }
+                | Error::Timeout { .. }),
+            ) if Instant::now() < deadline => {
                 eprintln!("{what}: {e}; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -341,16 +430,25 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_during_locks_and_watch() {
     let cluster = Arc::new(
-        tokio::task::spawn_blocking(|| latchkey_testkit::spawn_etcd_cluster(3, EtcdOptions::default()))
-            .await
-            .unwrap()
-            .expect("3-member etcd cluster"),
+        tokio::task::spawn_blocking(|| {
+            latchkey_testkit::spawn_etcd_cluster(3, EtcdOptions::default())
+        })
+        .await
+        .unwrap()
+        .expect("3-member etcd cluster"),
     );
     let base = format!("{}?timeout=2s", cluster.url());
     let ns = "failover";
-    let watcher = open(&base, ns).await;
     let writer = Arc::new(open(&base, ns).await);
-    let mut events = watcher.watch("ev/", None).await.unwrap();
+    // One watcher per member, each knowing only that member: the leader's
+    // watcher loses its stream at the kill and must resume, after the
+    // member's restart, from the last revision it saw + 1.
+    let mut watchers = Vec::new();
+    for m in cluster.members() {
+        let w = open(&format!("etcd://{}?timeout=2s", m.addr().unwrap()), ns).await;
+        let s = w.watch("ev/", None).await.unwrap();
+        watchers.push((w, s));
+    }
 
     // Lock workload: 3 handles × 2 tasks, each 12 fenced increments.
     const TASKS: usize = 6;
@@ -372,13 +470,14 @@ async fn leader_kill_during_locks_and_watch() {
         tasks.push(tokio::spawn(async move {
             let mut committed = 0;
             for _ in 0..ROUNDS {
-                let opts = LockOptions::ttl(Duration::from_secs(2)).with_wait(Duration::from_secs(20));
+                let opts =
+                    LockOptions::ttl(Duration::from_secs(2)).with_wait(Duration::from_secs(20));
                 let g = through_failover("lock", || h.lock("w", opts.clone())).await;
                 let acquired = clock.now();
                 let cur = through_failover("get", || h.get("counter")).await;
-                let n: u64 = cur
-                    .as_ref()
-                    .map_or(0, |kv| std::str::from_utf8(&kv.value).unwrap().parse().unwrap());
+                let n: u64 = cur.as_ref().map_or(0, |kv| {
+                    std::str::from_utf8(&kv.value).unwrap().parse().unwrap()
+                });
                 let out = through_failover("fenced increment", || {
                     h.txn(
                         TxnRequest::new()
@@ -413,7 +512,10 @@ async fn leader_kill_during_locks_and_watch() {
         for i in 0..WRITES {
             let key = format!("ev/{i:04}");
             through_failover("put", || async {
-                match w.put(&key, Bytes::from(i.to_string()), PutOptions::if_absent()).await {
+                match w
+                    .put(&key, Bytes::from(i.to_string()), PutOptions::if_absent())
+                    .await
+                {
                     Err(Error::Conflict { .. }) => Ok(()),
                     r => r.map(|_| ()),
                 }
@@ -437,6 +539,13 @@ async fn leader_kill_during_locks_and_watch() {
     .await
     .unwrap();
     eprintln!("killed member {killed}, the leader");
+    // Bring it back while the workload still runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.members()[killed].restart().expect("restart"))
+        .await
+        .unwrap();
+    eprintln!("restarted member {killed}");
 
     let mut committed = 0;
     for t in tasks {
@@ -458,28 +567,42 @@ async fn leader_kill_during_locks_and_watch() {
         committed.to_string(),
         "every committed fenced increment counted once"
     );
-    assert_eq!(committed, TASKS * ROUNDS, "every holder's fenced write committed");
-
-    // The watch saw every create exactly once, in revision order.
-    let mut seen = BTreeMap::new();
-    let mut last = 0;
-    while seen.len() < WRITES {
-        let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
-            .await
-            .expect("the watch delivers every write")
-            .expect("the watch stream lives")
-            .expect("no watch error");
-        assert!(ev.revision > last, "revisions go backwards or repeat: {} after {last}", ev.revision);
-        last = ev.revision;
-        assert_eq!(ev.kind, EventKind::Put);
-        assert!(seen.insert(ev.key.clone(), ev.value.clone()).is_none(), "duplicate event {ev:?}");
-    }
-    for i in 0..WRITES {
-        assert_eq!(seen[&format!("ev/{i:04}")], Bytes::from(i.to_string()));
-    }
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.next()).await.is_err(),
-        "no extra events"
+    assert_eq!(
+        committed,
+        TASKS * ROUNDS,
+        "every holder's fenced write committed"
     );
-    let _ = watcher.name();
+
+    // Every watch saw every create exactly once, in revision order.
+    for (n, (_, events)) in watchers.iter_mut().enumerate() {
+        let mut seen = BTreeMap::new();
+        let mut last = 0;
+        while seen.len() < WRITES {
+            let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
+                .await
+                .unwrap_or_else(|_| panic!("watcher {n} got {} of {WRITES} writes", seen.len()))
+                .expect("the watch stream lives")
+                .expect("no watch error");
+            assert!(
+                ev.revision > last,
+                "watcher {n}: revision {} after {last}",
+                ev.revision
+            );
+            last = ev.revision;
+            assert_eq!(ev.kind, EventKind::Put);
+            assert!(
+                seen.insert(ev.key.clone(), ev.value.clone()).is_none(),
+                "watcher {n}: duplicate {ev:?}"
+            );
+        }
+        for i in 0..WRITES {
+            assert_eq!(seen[&format!("ev/{i:04}")], Bytes::from(i.to_string()));
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), events.next())
+                .await
+                .is_err(),
+            "watcher {n}: no extra events"
+        );
+    }
 }
