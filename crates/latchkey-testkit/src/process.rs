@@ -230,6 +230,8 @@ impl TempDir {
     /// Creates `$TMPDIR/latchkey-<label>-<pid>-<unique>`; the name is unique so that
     /// `pgrep -f <name>` finds exactly the processes started with it.
     pub(crate) fn new(label: &str) -> io::Result<TempDir> {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale_dirs);
         let path = std::env::temp_dir().join(format!("latchkey-{label}-{}", unique_suffix()));
         std::fs::create_dir_all(&path)?;
         ensure_atexit();
@@ -246,6 +248,33 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
         with_registry(|r| r.dirs.remove(&self.path));
+    }
+}
+
+/// Removes temp dirs left by test processes that died by SIGKILL (the only way to
+/// skip both `Drop` and `atexit`): `latchkey-<label>-<pid>-<hex>-<n>` whose `<pid>`
+/// no longer exists. Runs once per process.
+fn sweep_stale_dirs() {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("latchkey-") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.rsplitn(4, '-').collect();
+        let [n, hex, pid, _label] = parts[..] else {
+            continue;
+        };
+        let ours = n.parse::<u64>().is_ok()
+            && hex.len() >= 8
+            && u64::from_str_radix(hex, 16).is_ok()
+            && pid.parse::<u32>().is_ok();
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
