@@ -1,0 +1,247 @@
+//! The servers a run talks to, the fault proxies in front of them, and the URLs.
+
+use latchkey_testkit::{
+    Cluster, ConsulTarget, EtcdOptions, FaultProxy, ProxyMode, RedisOptions, Server,
+    ZookeeperOptions,
+};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A backend configuration the runs cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// One `redis-server` with `appendonly yes`, `appendfsync always`.
+    Redis,
+    /// One `redis-server` without persistence (the testkit's default).
+    RedisVolatile,
+    /// One etcd member (fast elections).
+    Etcd,
+    /// A 3-member etcd cluster.
+    Etcd3,
+    /// A standalone ZooKeeper (`tickTime=200`), linearizable read mode.
+    Zookeeper,
+    /// A 3-member ZooKeeper ensemble, linearizable read mode.
+    Zookeeper3,
+    /// The same standalone ZooKeeper in its default sequential read mode.
+    ZookeeperSeq,
+    /// The in-process Consul HTTP-API simulator.
+    ConsulSim,
+}
+
+impl BackendKind {
+    /// Every configuration, in table order.
+    pub const ALL: &'static [BackendKind] = &[
+        BackendKind::Redis,
+        BackendKind::RedisVolatile,
+        BackendKind::Etcd,
+        BackendKind::Etcd3,
+        BackendKind::Zookeeper,
+        BackendKind::Zookeeper3,
+        BackendKind::ZookeeperSeq,
+        BackendKind::ConsulSim,
+    ];
+
+    /// The label in the table and on the command line.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendKind::Redis => "redis",
+            BackendKind::RedisVolatile => "redis-volatile",
+            BackendKind::Etcd => "etcd",
+            BackendKind::Etcd3 => "etcd-3",
+            BackendKind::Zookeeper => "zookeeper",
+            BackendKind::Zookeeper3 => "zookeeper-3",
+            BackendKind::ZookeeperSeq => "zookeeper-seq",
+            BackendKind::ConsulSim => "consul-sim",
+        }
+    }
+
+    /// Parses a label; `redis`, `etcd`, `zookeeper`, `consul` also select
+    /// every configuration of that backend when `family` is true.
+    pub fn select(name: &str) -> Vec<BackendKind> {
+        let exact: Vec<BackendKind> = Self::ALL
+            .iter()
+            .copied()
+            .filter(|b| b.label() == name)
+            .collect();
+        if !exact.is_empty() && !matches!(name, "redis" | "etcd" | "zookeeper") {
+            return exact;
+        }
+        let family = match name {
+            "zk" => "zookeeper",
+            "consul" => "consul",
+            other => other,
+        };
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|b| b.label().starts_with(family))
+            .collect()
+    }
+
+    /// A cluster of several members.
+    pub fn is_cluster(self) -> bool {
+        matches!(self, BackendKind::Etcd3 | BackendKind::Zookeeper3)
+    }
+
+    /// The lock TTL of the workload: as short as the backend honours with room
+    /// for renewals on a loaded 2-core machine.
+    pub fn ttl(self) -> Duration {
+        match self {
+            BackendKind::Redis | BackendKind::RedisVolatile => Duration::from_millis(1500),
+            BackendKind::Etcd | BackendKind::Etcd3 => Duration::from_secs(2),
+            BackendKind::Zookeeper | BackendKind::Zookeeper3 | BackendKind::ZookeeperSeq => {
+                Duration::from_secs(2)
+            }
+            // Consul's minimum session TTL.
+            BackendKind::ConsulSim => Duration::from_secs(10),
+        }
+    }
+
+    /// URL parameters (besides the namespace) the clients use.
+    fn params(self) -> &'static str {
+        match self {
+            BackendKind::Redis | BackendKind::RedisVolatile => "timeout=1s",
+            BackendKind::Etcd | BackendKind::Etcd3 => "timeout=2s",
+            BackendKind::Zookeeper | BackendKind::Zookeeper3 => {
+                "reads=linearizable&session_timeout=2s&connect_timeout=2s"
+            }
+            BackendKind::ZookeeperSeq => "session_timeout=2s&connect_timeout=2s",
+            BackendKind::ConsulSim => "timeout=2s",
+        }
+    }
+
+    fn scheme(self) -> &'static str {
+        match self {
+            BackendKind::Redis | BackendKind::RedisVolatile => "redis",
+            BackendKind::Etcd | BackendKind::Etcd3 => "etcd",
+            BackendKind::Zookeeper | BackendKind::Zookeeper3 | BackendKind::ZookeeperSeq => {
+                "zookeeper"
+            }
+            BackendKind::ConsulSim => "consul",
+        }
+    }
+}
+
+/// The server side of one backend configuration.
+pub enum Servers {
+    /// One process with fault hooks.
+    Single(Server),
+    /// Several members with fault hooks.
+    Cluster(Cluster),
+    /// The in-process Consul simulator (no process to signal).
+    Consul(ConsulTarget),
+}
+
+/// Servers plus what is needed to reach them.
+pub struct Env {
+    /// Which configuration.
+    pub kind: BackendKind,
+    /// The servers.
+    pub servers: Servers,
+}
+
+impl Env {
+    /// Starts the servers of `kind` (private instances: the runs kill and pause them).
+    pub fn start(kind: BackendKind) -> Result<Env, String> {
+        let e = |e: latchkey_testkit::Error| e.to_string();
+        let servers = match kind {
+            BackendKind::Redis => Servers::Single(
+                latchkey_testkit::spawn_redis(
+                    RedisOptions::default()
+                        .arg("--appendonly")
+                        .arg("yes")
+                        .arg("--appendfsync")
+                        .arg("always"),
+                )
+                .map_err(e)?,
+            ),
+            BackendKind::RedisVolatile => {
+                Servers::Single(latchkey_testkit::spawn_redis(RedisOptions::default()).map_err(e)?)
+            }
+            BackendKind::Etcd => Servers::Single(
+                latchkey_testkit::spawn_etcd(EtcdOptions::default().fast()).map_err(e)?,
+            ),
+            BackendKind::Etcd3 => Servers::Cluster(
+                latchkey_testkit::spawn_etcd_cluster(3, EtcdOptions::default()).map_err(e)?,
+            ),
+            BackendKind::Zookeeper | BackendKind::ZookeeperSeq => Servers::Single(
+                latchkey_testkit::spawn_zookeeper(ZookeeperOptions::fast()).map_err(e)?,
+            ),
+            BackendKind::Zookeeper3 => Servers::Cluster(
+                latchkey_testkit::spawn_zookeeper_ensemble(3, ZookeeperOptions::fast())
+                    .map_err(e)?,
+            ),
+            BackendKind::ConsulSim => {
+                Servers::Consul(latchkey_testkit::spawn_consul_sim().map_err(e)?)
+            }
+        };
+        Ok(Env { kind, servers })
+    }
+
+    /// The client addresses of every member.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        match &self.servers {
+            Servers::Single(s) => s.addr().into_iter().collect(),
+            Servers::Cluster(c) => c.members().iter().filter_map(|m| m.addr()).collect(),
+            Servers::Consul(c) => c.addr().into_iter().collect(),
+        }
+    }
+
+    /// The URL for `addrs` (proxies or the servers) in namespace `ns`.
+    pub fn url(&self, addrs: &[SocketAddr], ns: &str) -> String {
+        let hosts: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        format!(
+            "{}://{}/?namespace={ns}&{}",
+            self.kind.scheme(),
+            hosts.join(","),
+            self.kind.params()
+        )
+    }
+
+    /// Waits until every running server answers (after restarts).
+    pub fn wait_ready(&self) {
+        match &self.servers {
+            Servers::Single(s) => {
+                let _ = s.wait_ready();
+            }
+            Servers::Cluster(c) => {
+                let _ = c.wait_ready();
+                let _ = c.leader();
+            }
+            Servers::Consul(_) => {}
+        }
+    }
+}
+
+/// A group of proxies, one per member, that some clients connect through.
+pub struct ProxyGroup {
+    /// One per member, in member order.
+    pub proxies: Vec<FaultProxy>,
+}
+
+impl ProxyGroup {
+    /// One proxy per address.
+    pub fn start(addrs: &[SocketAddr]) -> Result<ProxyGroup, String> {
+        let proxies = addrs
+            .iter()
+            .map(|a| FaultProxy::start(*a).map_err(|e| format!("fault proxy: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ProxyGroup { proxies })
+    }
+    /// The proxies' addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.proxies.iter().map(|p| p.addr()).collect()
+    }
+    /// Sets every proxy's mode.
+    pub fn set_mode(&self, mode: ProxyMode) {
+        for p in &self.proxies {
+            p.set_mode(mode);
+        }
+    }
+    /// Resets every connection through the group.
+    pub fn reset_connections(&self) {
+        for p in &self.proxies {
+            p.reset_connections();
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! What the workload records, and the checks run on it afterwards.
+//!
+//! Times are nanoseconds of `CLOCK_MONOTONIC`, which is one clock for every
+//! process of the host: the holder child records with it too, so its events
+//! and the parent's share one time line.
+
+use latchkey_conformance::checkers::{
+    check_exclusion, check_kv_with, Budget, Holding, KvOperation, Verdict,
+};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Now, in ns of `CLOCK_MONOTONIC` (system-wide on Linux, unlike `Instant`'s origin).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How a counter client's write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The write committed (the fenced txn succeeded, or the unfenced put was acknowledged).
+    Committed,
+    /// The fenced txn ran and its `held` compare failed: nothing was written.
+    Rejected,
+    /// An error or timeout: it may or may not have committed.
+    Indeterminate,
+}
+
+impl WriteOutcome {
+    /// The wire name used by the holder child.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteOutcome::Committed => "committed",
+            WriteOutcome::Rejected => "rejected",
+            WriteOutcome::Indeterminate => "indeterminate",
+        }
+    }
+    /// Parses [`WriteOutcome::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "committed" => Some(WriteOutcome::Committed),
+            "rejected" => Some(WriteOutcome::Rejected),
+            "indeterminate" => Some(WriteOutcome::Indeterminate),
+            _ => None,
+        }
+    }
+}
+
+/// One pass of the fenced counter: lock → read → (fenced) write of read+1 → release.
+#[derive(Clone, Debug)]
+pub struct CounterAttempt {
+    /// The client (the holder child has its own ids).
+    pub client: usize,
+    /// The guard's fencing token.
+    pub token: u64,
+    /// When `lock()` returned.
+    pub acquired: u64,
+    /// The value written (read + 1).
+    pub value: u64,
+    /// When the write was invoked.
+    pub write_call: u64,
+    /// How it ended.
+    pub outcome: WriteOutcome,
+}
+
+/// What happened to a holder frozen (or cut off) while holding the lock.
+#[derive(Clone, Debug)]
+pub struct StaleHolder {
+    /// How it was made stale: `SIGSTOP` or `black-hole`.
+    pub how: &'static str,
+    /// Another client acquired the lock while it was stale.
+    pub other_acquired: bool,
+    /// Its write after resuming.
+    pub outcome: WriteOutcome,
+    /// Its `lost()` fired (before the write, or within a TTL after it).
+    pub lost_fired: bool,
+}
+
+/// Everything one run recorded.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Counter passes that reached the write.
+    pub counter: Vec<CounterAttempt>,
+    /// KV register ops.
+    pub kv: Vec<KvOperation>,
+    /// Stale-holder episodes (holder pause, client partition).
+    pub stale: Vec<StaleHolder>,
+    /// Operations attempted (every lock, read, write, release, KV op).
+    pub ops: u64,
+    /// Workload errors worth showing (first few).
+    pub notes: Vec<String>,
+}
+
+impl History {
+    /// Keeps at most a few notes.
+    pub fn note(&mut self, s: String) {
+        if self.notes.len() < 8 {
+            self.notes.push(s);
+        }
+    }
+}
+
+/// What the checks concluded about one run.
+#[derive(Clone, Debug, Default)]
+pub struct Findings {
+    /// Ops recorded.
+    pub ops: u64,
+    /// Violations of what the backend promises (each a message).
+    pub violations: Vec<String>,
+    /// Acknowledged increments missing from the final counter.
+    pub lost_updates: u64,
+    /// Losses / anomalies the backend's declared capabilities allow (weaker read
+    /// mode, non-durable store restarted): reported, not failed.
+    pub allowed: Vec<String>,
+}
+
+/// What the checks may assume of the backend (from its declared capabilities).
+#[derive(Clone, Copy, Debug)]
+pub struct Promises {
+    /// Reads are linearizable (else KV anomalies are labelled weak-read).
+    pub linearizable_reads: bool,
+    /// Acknowledged writes and tokens survive restarts (else losses after a
+    /// restart are labelled non-durable).
+    pub durable: bool,
+    /// The scenario restarted a server (data loss is only excusable then).
+    pub restarted: bool,
+}
+
+/// Runs every check: exclusion + fencing over the effective holdings, per-key
+/// linearizability of the KV register, the counter's exact count, and the
+/// stale-holder assertions.
+pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Duration) -> Findings {
+    let mut f = Findings {
+        ops: h.ops,
+        ..Default::default()
+    };
+    let excusable = |f: &mut Findings, msg: String, durability: bool| {
+        if durability && !p.durable && p.restarted {
+            f.allowed.push(format!("non-durable: {msg}"));
+        } else {
+            f.violations.push(msg);
+        }
+    };
+
+    // Exclusion + fencing. A lease lock alone cannot exclude a paused holder
+    // (its wall-clock interval overlaps the next holder's by design), so the
+    // checked interval of a holding runs from `lock()` returning to the call of
+    // its last *committed* write: the server confirmed the lock was held at
+    // some instant after that call, and another holder's grant came before its
+    // own `lock()` returned. Two such intervals overlapping prove two holders
+    // were valid at one instant. Holdings without a committed write did nothing
+    // and are left out (a late grant reply of an already-expired entry is no
+    // violation).
+    let holdings: Vec<Holding> = h
+        .counter
+        .iter()
+        .filter(|a| a.outcome == WriteOutcome::Committed)
+        .map(|a| Holding {
+            lock: "counter".into(),
+            client: a.client,
+            token: a.token,
+            acquired: a.acquired,
+            released: a.write_call.max(a.acquired),
+        })
+        .collect();
+    if let Err(v) = check_exclusion(&holdings) {
+        let token_regression = matches!(
+            v,
+            latchkey_conformance::checkers::ExclusionViolation::TokenNotIncreasing { .. }
+        );
+        excusable(&mut f, format!("exclusion/fencing: {v}"), token_regression);
+    }
+
+    // Exact count. Writes are serialized by the lock, each writes read+1, so
+    // the final value is the number of committed writes: every acknowledged
+    // one, plus those of unknown outcome that did commit.
+    let acked = h
+        .counter
+        .iter()
+        .filter(|a| a.outcome == WriteOutcome::Committed)
+        .count() as u64;
+    let unknown = h
+        .counter
+        .iter()
+        .filter(|a| a.outcome == WriteOutcome::Indeterminate)
+        .count() as u64;
+    // Two acknowledged writes of one value: one overwrote the other.
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for a in h
+        .counter
+        .iter()
+        .filter(|a| a.outcome == WriteOutcome::Committed)
+    {
+        *seen.entry(a.value).or_default() += 1;
+    }
+    let dup: u64 = seen.values().map(|&n| n as u64 - 1).sum();
+    match final_counter {
+        Some(fin) => {
+            let lost = acked.saturating_sub(fin).max(dup);
+            if lost > 0 {
+                f.lost_updates = lost;
+                excusable(
+                    &mut f,
+                    format!(
+                        "lost updates: {acked} increments acknowledged ({unknown} of unknown \
+                         outcome), final counter {fin}, {dup} duplicate values"
+                    ),
+                    true,
+                );
+            }
+            if fin > acked + unknown {
+                excusable(
+                    &mut f,
+                    format!(
+                        "phantom increments: final counter {fin} > {acked} acknowledged + \
+                         {unknown} unknown"
+                    ),
+                    true,
+                );
+            }
+        }
+        None => f
+            .violations
+            .push("the final counter could not be read after healing".into()),
+    }
+
+    // Stale holders: the write after resuming must not commit, and lost() must fire.
+    for s in &h.stale {
+        if !s.other_acquired {
+            f.allowed.push(format!(
+                "{}: no other client acquired while the holder was stale (nothing to check)",
+                s.how
+            ));
+            continue;
+        }
+        if s.outcome == WriteOutcome::Committed {
+            f.violations.push(format!(
+                "{}: the stale holder's write committed after another client acquired",
+                s.how
+            ));
+        }
+        if !s.lost_fired {
+            f.violations.push(format!(
+                "{}: the stale holder's lost() did not fire (write {})",
+                s.how,
+                s.outcome.as_str()
+            ));
+        }
+    }
+
+    // Linearizability of the KV register, per key.
+    match check_kv_with(&h.kv, Budget { time: budget }) {
+        Verdict::Linearizable => {}
+        v @ Verdict::NotLinearizable { .. } => {
+            let msg = format!("kv register: {v}");
+            if !p.linearizable_reads {
+                f.allowed.push(format!("weak-read: {msg}"));
+            } else {
+                excusable(&mut f, msg, true);
+            }
+        }
+        Verdict::Unknown { reason } => excusable(
+            &mut f,
+            format!("kv register: linearizability not proved: {reason}"),
+            true,
+        ),
+    }
+    f
+}

@@ -1,0 +1,233 @@
+//! The fault scenarios and when each applies.
+
+use crate::env::{BackendKind, Env, ProxyGroup, Servers};
+use crate::workload::{Shared, Stale};
+use latchkey_testkit::ProxyMode;
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One fault scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// SIGSTOP the holder's process past the TTL while it holds the lock.
+    HolderPause,
+    /// SIGSTOP the server (the leader of a cluster) longer than client timeouts.
+    ServerPause,
+    /// kill -9 and restart the server (the leader of a cluster).
+    KillRestart,
+    /// kill -9 and restart every member of a cluster in turn.
+    RollingRestart,
+    /// Black-hole the holder child's network past the TTL while it holds, then heal.
+    ClientPartition,
+    /// Cut one cluster member off from its peers.
+    MemberPartition,
+    /// 20–200 ms added latency on every client link.
+    SlowNetwork,
+    /// Reset client connections at random points.
+    ConnectionResets,
+}
+
+impl Scenario {
+    /// Every scenario, in table order.
+    pub const ALL: &'static [Scenario] = &[
+        Scenario::HolderPause,
+        Scenario::ServerPause,
+        Scenario::KillRestart,
+        Scenario::RollingRestart,
+        Scenario::ClientPartition,
+        Scenario::MemberPartition,
+        Scenario::SlowNetwork,
+        Scenario::ConnectionResets,
+    ];
+
+    /// The label in the table and on the command line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::HolderPause => "holder-pause",
+            Scenario::ServerPause => "server-pause",
+            Scenario::KillRestart => "kill-restart",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::ClientPartition => "client-partition",
+            Scenario::MemberPartition => "member-partition",
+            Scenario::SlowNetwork => "slow-network",
+            Scenario::ConnectionResets => "conn-resets",
+        }
+    }
+
+    /// Parses a label.
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Self::ALL.iter().copied().find(|x| x.label() == s)
+    }
+
+    /// Restarts servers (losses are excusable on non-durable backends).
+    pub fn restarts(self) -> bool {
+        matches!(self, Scenario::KillRestart | Scenario::RollingRestart)
+    }
+
+    /// `Err(why)` when the backend cannot express this scenario.
+    pub fn applies(self, b: BackendKind) -> Result<(), &'static str> {
+        let consul = b == BackendKind::ConsulSim;
+        match self {
+            Scenario::ServerPause | Scenario::KillRestart if consul => {
+                Err("the Consul simulator runs inside this process: no server process to signal")
+            }
+            Scenario::RollingRestart if consul => {
+                Err("the Consul simulator runs inside this process: no server process to signal")
+            }
+            Scenario::RollingRestart if !b.is_cluster() => {
+                Err("single node: covered by kill-restart")
+            }
+            Scenario::MemberPartition if !b.is_cluster() => Err("single node: no peers"),
+            Scenario::MemberPartition => Err(
+                "not yet implemented: the testkit wires cluster peers directly, so peer traffic \
+                 cannot be routed through fault proxies",
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Everything a fault driver acts on.
+pub struct Target<'a> {
+    /// The servers.
+    pub env: &'a Env,
+    /// Proxies of the in-process clients.
+    pub local: &'a ProxyGroup,
+    /// Proxies of the holder child.
+    pub child: &'a ProxyGroup,
+    /// The run's shared state.
+    pub shared: &'a Arc<Shared>,
+    /// Lock TTL.
+    pub ttl: Duration,
+    /// How long the fault phases last (shorter with `--quick`).
+    pub phase: Duration,
+}
+
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    // Server hooks block (they wait for readiness); the runtime has worker
+    // threads to spare, and block_in_place keeps the borrow simple.
+    tokio::task::block_in_place(f)
+}
+
+async fn wait_stale_episode(t: &Target<'_>, how: Stale) -> Result<(), String> {
+    *t.shared
+        .stale_request
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(how);
+    let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
+    loop {
+        let done = !t
+            .shared
+            .hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale
+            .is_empty();
+        if done {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            t.shared
+                .stale_request
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            return Err("the holder child never held the lock long enough to be made stale".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the fault of `s` against `t` (the workload runs meanwhile), then heals.
+pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(), String> {
+    match s {
+        Scenario::HolderPause => wait_stale_episode(t, Stale::Stop).await,
+        Scenario::ClientPartition => wait_stale_episode(t, Stale::BlackHole).await,
+        Scenario::ServerPause => {
+            let hold = (t.ttl + Duration::from_secs(1)).max(Duration::from_secs(3));
+            let server = victim(t.env, rng)?;
+            with_server(t.env, server, |srv| srv.pause().map_err(|e| e.to_string()))?;
+            tokio::time::sleep(hold).await;
+            with_server(t.env, server, |srv| srv.resume().map_err(|e| e.to_string()))?;
+            Ok(())
+        }
+        Scenario::KillRestart => {
+            let server = victim(t.env, rng)?;
+            with_server(t.env, server, |srv| srv.kill().map_err(|e| e.to_string()))?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+            let env = t.env;
+            blocking(move || -> Result<(), String> {
+                with_server(env, server, |srv| srv.restart().map_err(|e| e.to_string()))?;
+                env.wait_ready();
+                Ok(())
+            })?;
+            Ok(())
+        }
+        Scenario::RollingRestart => {
+            let Servers::Cluster(c) = &t.env.servers else {
+                return Err("not a cluster".into());
+            };
+            for m in c.members() {
+                m.kill().map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
+                blocking(|| -> Result<(), String> {
+                    m.restart().map_err(|e| e.to_string())?;
+                    t.env.wait_ready();
+                    Ok(())
+                })?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(())
+        }
+        Scenario::SlowNetwork => {
+            let mode = ProxyMode::Latency {
+                delay: Duration::from_millis(20),
+                jitter: Duration::from_millis(180),
+            };
+            t.local.set_mode(mode);
+            t.child.set_mode(mode);
+            tokio::time::sleep(t.phase.max(t.ttl * 2)).await;
+            t.local.set_mode(ProxyMode::Pass);
+            t.child.set_mode(ProxyMode::Pass);
+            Ok(())
+        }
+        Scenario::ConnectionResets => {
+            let end = Instant::now() + t.phase;
+            while Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
+                if rng.random_bool(0.5) {
+                    t.local.reset_connections();
+                } else {
+                    t.child.reset_connections();
+                }
+            }
+            Ok(())
+        }
+        Scenario::MemberPartition => Err("not yet implemented".into()),
+    }
+}
+
+/// Which server to hit: the single one, or a cluster's leader.
+fn victim(env: &Env, _rng: &mut StdRng) -> Result<usize, String> {
+    match &env.servers {
+        Servers::Single(_) => Ok(0),
+        Servers::Cluster(c) => {
+            tokio::task::block_in_place(|| c.leader_index()).map_err(|e| e.to_string())
+        }
+        Servers::Consul(_) => Err("no server process".into()),
+    }
+}
+
+fn with_server<R>(
+    env: &Env,
+    i: usize,
+    f: impl FnOnce(&latchkey_testkit::Server) -> Result<R, String>,
+) -> Result<R, String> {
+    match &env.servers {
+        Servers::Single(s) => f(s),
+        Servers::Cluster(c) => f(&c.members()[i]),
+        Servers::Consul(_) => Err("no server process".into()),
+    }
+}
