@@ -676,6 +676,39 @@ impl ConsulBackend {
         })
     }
 
+    /// How many HTTP requests this handle has sent (a test hook: a lock
+    /// waiter must not poll).
+    pub fn op_count(&self) -> u64 {
+        self.inner.client.ops()
+    }
+
+    /// Deletes lock `name`'s key whoever holds it, as an operator would
+    /// (`consul kv delete`): a test hook. Blocks the calling thread (it runs
+    /// on its own thread and runtime, so it may be called from async code).
+    /// Returns whether the lock was held.
+    pub fn revoke_lock(&self, name: &str) -> Result<bool> {
+        validate::lock_name(name)?;
+        let key = self.inner.locks.key(name);
+        let client = self.inner.client.fresh()?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::backend(NAME, e))?;
+                rt.block_on(async {
+                    let (e, _) = client.kv_get(&key, true).await?;
+                    let Some(e) = e else { return Ok(false) };
+                    let ops = [KvOp::new(Verb::DeleteCas, key.clone()).index(e.modify_index)];
+                    client.txn(&ops, "revoking a lock").await?;
+                    Ok(e.holder().is_some())
+                })
+            })
+            .join()
+            .map_err(|_| Error::backend(NAME, "the revoke thread panicked"))?
+        })
+    }
+
     /// What this backend promises (see the crate docs for the reasons).
     pub fn caps() -> Capabilities {
         let mut c = Capabilities::full();

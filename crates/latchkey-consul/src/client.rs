@@ -10,6 +10,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use latchkey_core::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The backend's name in errors.
@@ -57,6 +59,7 @@ pub enum Verb {
     Set,
     Cas,
     Lock,
+    Unlock,
     Get,
     Delete,
     DeleteCas,
@@ -71,6 +74,7 @@ impl Verb {
             Verb::Set => "set",
             Verb::Cas => "cas",
             Verb::Lock => "lock",
+            Verb::Unlock => "unlock",
             Verb::Get => "get",
             Verb::Delete => "delete",
             Verb::DeleteCas => "delete-cas",
@@ -91,7 +95,7 @@ impl Verb {
     pub fn writes(self) -> bool {
         matches!(
             self,
-            Verb::Set | Verb::Cas | Verb::Lock | Verb::Delete | Verb::DeleteCas
+            Verb::Set | Verb::Cas | Verb::Lock | Verb::Unlock | Verb::Delete | Verb::DeleteCas
         )
     }
 }
@@ -205,6 +209,7 @@ pub struct Client {
     token: Option<String>,
     dc: Option<String>,
     timeout: Duration,
+    ops: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -240,7 +245,24 @@ impl Client {
             token,
             dc,
             timeout,
+            ops: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A client with the same settings and its own connection pool (for
+    /// use from another runtime).
+    pub fn fresh(&self) -> Result<Self> {
+        Client::new(
+            self.base.clone(),
+            self.token.clone(),
+            self.dc.clone(),
+            self.timeout,
+        )
+    }
+
+    /// Requests this client (and its clones) sent so far.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
     }
 
     fn url(&self, path: &str, query: &[(&str, String)]) -> String {
@@ -271,6 +293,7 @@ impl Client {
         what: &str,
         write: bool,
     ) -> Result<Resp> {
+        self.ops.fetch_add(1, Ordering::Relaxed);
         let mut req = self.http.request(method, &url).timeout(timeout);
         if let Some(t) = &self.token {
             req = req.header("X-Consul-Token", t);

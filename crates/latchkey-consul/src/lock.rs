@@ -136,6 +136,11 @@ pub(crate) struct Locks {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     retired: Mutex<Vec<Arc<Slot>>>,
     held: Mutex<HashMap<String, Held>>,
+    /// The last token this handle got per lock key: a `lock` op by a session
+    /// that already holds the key (an abandoned holding of this handle)
+    /// succeeds without changing the entry, so the same token comes back;
+    /// that is not a new holding.
+    issued: Mutex<HashMap<String, u64>>,
     monitor_running: AtomicBool,
     me: Weak<Locks>,
 }
@@ -166,6 +171,7 @@ impl Locks {
             slots: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
             held: Mutex::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
             monitor_running: AtomicBool::new(false),
             me: me.clone(),
         })
@@ -274,6 +280,15 @@ impl Locks {
             match reply {
                 TxnReply::Committed(entries) => {
                     let token = entries.first().map_or(0, |e| e.modify_index);
+                    {
+                        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+                        if issued.get(&key).is_some_and(|t| *t >= token) {
+                            // Our session still holds it for an abandoned
+                            // guard: wait until that holding is gone.
+                            return Ok(Err(turn));
+                        }
+                        issued.insert(key.clone(), token);
+                    }
                     let entry = LockEntry {
                         name: name.to_string(),
                         token,
@@ -415,7 +430,53 @@ impl Locks {
         if let Some(h) = self.held().remove(&entry.id) {
             h.slot.group.remove(&entry.id);
         }
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if issued.get(&self.key(&entry.name)) == Some(&entry.token) {
+            issued.remove(&self.key(&entry.name));
+        }
         Ok(())
+    }
+
+    /// Stops renewing a holding, as if its holder had died. The session is
+    /// shared with the handle's other locks of that TTL and stays renewed,
+    /// so the key is handed (in one txn: unlock, lock) to a fresh session
+    /// that nobody renews: it is released after the TTL, as a crashed
+    /// holder's would be. The guard's `lost()` fires at its renewal deadline.
+    fn abandon(&self, entry: &LockEntry) {
+        let Some(h) = self.held().remove(&entry.id) else {
+            return;
+        };
+        h.slot.group.abandon(&entry.id);
+        let client = self.client.clone();
+        let ttl = h.slot.group.ttl();
+        tokio::spawn(async move {
+            let Ok(s2) = client
+                .session_create(ttl, "release", "latchkey-abandoned")
+                .await
+            else {
+                tracing::warn!(key = %h.key, "could not hand an abandoned lock to an expiring session");
+                return;
+            };
+            let ops = [
+                KvOp::new(Verb::CheckSession, h.key.clone()).session(h.session.clone()),
+                KvOp::new(Verb::CheckIndex, h.key.clone()).index(h.token),
+                KvOp::new(Verb::Unlock, h.key.clone())
+                    .value(bytes::Bytes::new())
+                    .flags(LOCK_FLAG)
+                    .session(h.session.clone()),
+                KvOp::new(Verb::Lock, h.key.clone())
+                    .value(bytes::Bytes::new())
+                    .flags(LOCK_FLAG)
+                    .session(s2.clone()),
+            ];
+            match client.txn(&ops, "handing over an abandoned lock").await {
+                Ok(TxnReply::Committed(_)) => {}
+                // Already gone: the spare session is not needed.
+                _ => {
+                    let _ = client.session_destroy(&s2).await;
+                }
+            }
+        });
     }
 }
 
@@ -486,8 +547,6 @@ impl GuardOps for LockOps {
     }
 
     fn abandon(&self, entry: &LockEntry) {
-        if let Some(h) = self.locks.held().get(&entry.id) {
-            h.slot.group.abandon(&entry.id);
-        }
+        self.locks.abandon(entry);
     }
 }
