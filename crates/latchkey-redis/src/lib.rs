@@ -100,10 +100,12 @@
 //!   A waiter subscribes to its channel before it retries, and bounds each
 //!   wait: the head by the holder's PTTL (an expiry publishes nothing), the
 //!   others by the head's lease (a crashed head publishes nothing), all by
-//!   one TTL (each attempt renews the waiter's own lease of two TTLs, after
-//!   which a crashed waiter is dropped from the queue). So a lost message
-//!   delays a waiter by at most a TTL, and a waiter sends one request per TTL
-//!   while it waits: no fixed-interval polling. A cancelled or timed-out
+//!   the refresh period, min(TTL, 10 s): each attempt renews the waiter's
+//!   own lease of two periods, after which a crashed waiter is dropped from
+//!   the queue. So a lost message delays a waiter by at most a period, a
+//!   crashed waiter holds up the queue for at most two, and a waiter sends
+//!   one request per period while it waits (a lease renewal, not polling
+//!   for the lock: releases are pushed). A cancelled or timed-out
 //!   waiter leaves the queue at once (one script run in the background).
 //!   Renewal: one script call per tick renews every lock of the handle with
 //!   the same TTL; locks it finds gone fire `lost()`.

@@ -33,6 +33,11 @@ enum Mode {
     Try,
 }
 
+/// How often a waiter renews its place in the queue, at most: its lease
+/// is twice this, so a waiter that crashed without leaving holds up the
+/// queue for at most that long (locks with a shorter TTL use their TTL).
+const MAX_WAITER_REFRESH: Duration = Duration::from_secs(10);
+
 fn new_owner() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill(&mut bytes);
@@ -56,6 +61,7 @@ async fn attempt(
     ];
     let channels = l.released(name);
     let mode = if mode == Mode::Wait { "w" } else { "t" };
+    let refresh = ttl_ms.min(MAX_WAITER_REFRESH.as_millis() as u64);
     let (ok, n): (i64, i64) = shared
         .conn
         .run(Retry::Safe, "lock", |mut c| {
@@ -64,7 +70,8 @@ async fn attempt(
                 .arg(owner)
                 .arg(ttl_ms)
                 .arg(mode)
-                .arg(&channels);
+                .arg(&channels)
+                .arg(refresh);
             async move { inv.invoke_async(&mut c).await }
         })
         .await?;

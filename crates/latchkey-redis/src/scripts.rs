@@ -239,22 +239,23 @@ return {cur, trimmed, redis.call('GET', KEYS[3])}
 "#;
 
 /// acquire: KEYS lock fence queue waiters qseq; ARGV owner ttl_ms mode
-/// ('w' wait, 't' try) channel-prefix.
+/// ('w' wait, 't' try) channel-prefix refresh_ms.
 ///
 /// The lock is `SET lock <owner> PX ttl` (what `SET NX PX` clients see) plus
 /// a fencing token from the lock's counter. Waiters queue in `queue`
 /// (owner -> ticket, FIFO) and keep a lease in `waiters` (owner -> deadline,
-/// server ms, two TTLs ahead, refreshed by every attempt); a waiter whose
-/// lease ran out (it crashed without cancelling) is dropped here. A free lock
+/// server ms, two refresh periods ahead, renewed by every attempt); a
+/// waiter whose lease ran out (it crashed without cancelling) is dropped
+/// here. A free lock
 /// goes to the head of the queue only. Idempotent per owner.
 ///
 /// Returns {1, token}, or {0, ms to wait at most before trying again}: the
 /// holder's PTTL for the head (an expiry publishes nothing), the head's
 /// lease for the others (a crashed head publishes nothing), and never more
-/// than one TTL (the waiter's own lease must be refreshed). A try returns
+/// than one refresh period (the waiter's own lease). A try returns
 /// {0, 0} without queueing.
 const ACQUIRE: &str = r#"
-local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local owner, refresh = ARGV[1], tonumber(ARGV[5])
 local now = now_ms()
 for _, o in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
   redis.call('ZREM', KEYS[3], o)
@@ -276,13 +277,13 @@ if ARGV[3] == 't' then return {0, 0} end
 if not redis.call('ZSCORE', KEYS[3], owner) then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), owner)
 end
-redis.call('ZADD', KEYS[4], string.format('%d', now + 2 * ttl), owner)
+redis.call('ZADD', KEYS[4], string.format('%d', now + 2 * refresh), owner)
 head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
 if not cur and head ~= owner then
   -- the lock is free and reserved for the head: make sure it knows
   redis.call('PUBLISH', ARGV[4] .. head, 'turn')
 end
-local bound = ttl
+local bound = refresh
 if head == owner then
   local p = redis.call('PTTL', KEYS[1])
   if p >= 0 and p < bound then bound = p end
