@@ -27,9 +27,25 @@
 //!   monitor (one blocking query on the namespace's `locks/` subtree for all
 //!   held locks) that fires `lost()` as soon as a held key's session or
 //!   index changes (deleted or released behind our back).
-//! - **Fenced writes**: `Compare::held` reads the lock key and pins its
-//!   `ModifyIndex` (= token) in the txn; a holding's key is only ever
-//!   written by its acquire, so "index = token" means "still this holding".
+//! - **Fenced writes**: `Compare::held(guard)` holds iff the lock key exists,
+//!   its `Session` is the guard's and its `ModifyIndex` equals the guard's
+//!   token; the txn pins it with `check-index(token)` (which implies the
+//!   session, since an index names one write). Checking the session alone
+//!   would not do: the handle's session outlives a holding, and a later
+//!   holding of the same handle reuses it. The token-equality rule is sound
+//!   because nothing but acquire, release and abandon ever writes a lock key:
+//!   lock keys live outside the `kv/` subtree, so a holder's fenced writes
+//!   (to any user key) can never change its own lock's index; a write to the
+//!   lock key by a foreign tool ends the holding for fencing purposes, and
+//!   the monitor fires `lost()`.
+//! - **Abandon** (`LockGuard::abandon`, "as if the holder died"): the key is
+//!   handed in one txn (`unlock`, `lock`) to a fresh session that nobody
+//!   renews, because the handle's session stays renewed for its other
+//!   locks; Consul releases the key when that session expires (TTL..2×TTL).
+//!   The guard's token is stale from then on; its `lost()` fires at its
+//!   renewal deadline. A `lock` op by a session that already holds the key
+//!   returns the unchanged entry (same index): such a re-lock is not counted
+//!   as a new holding, the task waits instead.
 
 use crate::client::{Client, KvOp, TxnReply, Verb, NAME};
 use crate::keys;

@@ -17,6 +17,7 @@ use latchkey_consul::{ConsulBackend, LOCK_FLAG};
 use latchkey_core::{
     Backend, BackendUrl, Compare, Error, KvStore, LockOptions, Op, PutOptions, TxnRequest,
 };
+use latchkey_core::{DistributedLock, Txn};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -330,4 +331,113 @@ async fn sim_session_invalidation_fires_lost_and_stale_fenced_write_fails() {
     let g3 = a.lock("x", LockOptions::default()).await.unwrap();
     assert!(g3.fencing_token() > g2.fencing_token());
     g3.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_no_cluster_leader_is_unavailable_and_renewal_survives_a_short_outage() {
+    let sim = latchkey_consul_sim::ConsulSim::start().unwrap();
+    let b = ConsulBackend::connect(
+        &BackendUrl::parse(&format!("{}?namespace=outage", sim.url())).unwrap(),
+    )
+    .await
+    .unwrap();
+    let g = b
+        .lock("x", LockOptions::ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    sim.set_unavailable(true);
+    let e = b.get("k").await.unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert!(e.is_transient());
+    let e = b
+        .put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    // Shorter than the TTL: the lock survives (renewals resume after it).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sim.set_unavailable(false);
+    assert!(!g.is_lost());
+    let o = b
+        .txn(
+            TxnRequest::new()
+                .when([Compare::held(&g)])
+                .then([Op::put("f", "1")]),
+        )
+        .await
+        .unwrap();
+    assert!(o.succeeded);
+    g.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_locks_share_one_session_and_one_renewal_per_tick() {
+    let target = latchkey_testkit::consul();
+    let url = BackendUrl::parse(&format!("{}?namespace={}", target.url(), ns("many"))).unwrap();
+    let b = ConsulBackend::connect(&url).await.unwrap();
+    let mut guards = Vec::new();
+    for i in 0..300 {
+        guards.push(
+            b.try_lock(&format!("l{i}"), LockOptions::ttl(Duration::from_secs(10)))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let sessions: std::collections::HashSet<String> = guards.iter().map(session_of).collect();
+    assert_eq!(sessions.len(), 1, "one session per (handle, TTL)");
+    let before = b.op_count();
+    // Two renewal periods (TTL/3 ≈ 3.3 s each).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let during = b.op_count() - before;
+    // Renewals (one per tick for all 300 locks) and the lock monitor's
+    // blocking query — never one request per lock.
+    assert!(
+        during <= 6,
+        "{during} requests while holding 300 locks for 7 s"
+    );
+    assert!(guards.iter().all(|g| !g.is_lost()));
+    for g in guards {
+        g.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_ttl_key_is_deleted_when_its_session_expires() {
+    let sim = latchkey_consul_sim::ConsulSim::start().unwrap();
+    let b = open(&sim.url(), "ttl").await;
+    b.put(
+        "gone",
+        Bytes::from("v"),
+        PutOptions::ttl(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    b.put("stays", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
+    // The TTL key's session: read it from the simulator's API.
+    let (s, body) = http(
+        reqwest::Method::GET,
+        format!("{}/v1/kv/latchkey/ns/ttl/kv/gone", sim.http_url()),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sid = v[0]["Session"].as_str().unwrap().to_string();
+    assert_eq!(v[0]["Flags"].as_u64(), Some(30_000));
+    let mut w = b.watch("", None).await.unwrap();
+    assert!(sim.expire_session(&sid));
+    use futures::StreamExt;
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ev.kind, ev.key.as_str()),
+        (latchkey_core::EventKind::Delete, "gone")
+    );
+    assert!(b.get("gone").await.unwrap().is_none());
+    assert!(b.get("stays").await.unwrap().is_some());
 }
