@@ -164,7 +164,7 @@ impl RwLock {
                 .backend
                 .txn(
                     TxnRequest::new()
-                        .when([Compare::absent(&writer_key)])
+                        .when([Compare::absent(&writer_key), Compare::held(&guard)])
                         .then([Op::put(&key, value.clone())])
                         .otherwise([Op::get(&writer_key)]),
                 )
@@ -186,9 +186,18 @@ impl RwLock {
             }
             // A writer claims the lock: if its lease is dead, clear it;
             // else wait for a change of the claim (or the re-check bound).
-            if let Some(latchkey_core::OpResult::Get(Some(kv))) = out.results.first() {
-                if !self.alive_or_remove(&writer_key, &kv.value).await? {
-                    continue;
+            // No claim means our own lease is gone: `lost()` fires soon.
+            match out.results.first() {
+                Some(latchkey_core::OpResult::Get(Some(kv))) => {
+                    if !self.alive_or_remove(&writer_key, &kv.value).await? {
+                        continue;
+                    }
+                }
+                _ => {
+                    let _ = tokio::time::timeout(self.recheck(), guard.lost()).await;
+                    return Err(Error::LockLost {
+                        name: self.name.clone(),
+                    });
                 }
             }
             wait_change(&mut watch, &writer_key, self.recheck()).await?;
