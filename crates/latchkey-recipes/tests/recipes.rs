@@ -375,3 +375,90 @@ async fn mirror_equals_store_after_concurrent_writes() {
     let theirs: Vec<_> = listed.into_iter().map(|kv| (kv.key, kv.value)).collect();
     assert_eq!(mine, theirs);
 }
+
+#[derive(Clone, Debug)]
+enum MOp {
+    Put(u8, u8),
+    Delete(u8),
+    /// Two keys in one transaction.
+    Pair(u8, u8, u8),
+    /// Break the mirror's watch (a reconnect or a compaction).
+    Break,
+}
+
+fn mop() -> impl proptest::strategy::Strategy<Value = MOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..8, any::<u8>()).prop_map(|(k, v)| MOp::Put(k, v)),
+        2 => (0u8..8).prop_map(MOp::Delete),
+        2 => (0u8..8, 0u8..8, any::<u8>()).prop_map(|(a, b, v)| MOp::Pair(a, b, v)),
+        1 => Just(MOp::Break),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// Three writers run generated op sequences concurrently while the
+    /// mirror's watch is broken at generated points: at the end the
+    /// mirror equals the store's listing at the same revision.
+    #[test]
+    fn mirror_equals_store_after_generated_workload(
+        ops in proptest::collection::vec((0usize..3, mop()), 1..60)
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let store = MemStore::new();
+            let flaky = Arc::new(Flaky {
+                inner: handle(&store),
+                kill: tokio::sync::watch::channel(0).0,
+                watches: AtomicUsize::new(0),
+            });
+            let m = Mirror::start(flaky.clone(), "p/").await.unwrap();
+            let mut per_writer: Vec<Vec<MOp>> = vec![Vec::new(); 3];
+            for (w, op) in ops {
+                per_writer[w].push(op);
+            }
+            let mut tasks = Vec::new();
+            for ops in per_writer {
+                let (h, flaky) = (handle(&store), flaky.clone());
+                tasks.push(tokio::spawn(async move {
+                    for op in ops {
+                        match op {
+                            MOp::Put(k, v) => {
+                                h.put(&format!("p/{k}"), Bytes::from(vec![v]), PutOptions::default())
+                                    .await
+                                    .unwrap();
+                            }
+                            MOp::Delete(k) => {
+                                h.delete(&format!("p/{k}"), DeleteOptions::default()).await.unwrap();
+                            }
+                            MOp::Pair(a, b, v) => {
+                                let mut t = TxnRequest::new().then([Op::put(format!("p/{a}"), vec![v])]);
+                                if a != b {
+                                    t = t.then([Op::delete(format!("p/{b}"))]);
+                                }
+                                h.txn(t).await.unwrap();
+                            }
+                            MOp::Break => flaky.kill.send_modify(|n| *n += 1),
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let h = handle(&store);
+            let r = h.put("p/final", Bytes::from("f"), PutOptions::default()).await.unwrap();
+            let s = tokio::time::timeout(T, m.wait_for(r)).await.unwrap().unwrap();
+            let listed = h.list("p/", ListOptions::default()).await.unwrap();
+            let mine: Vec<_> = s.iter().map(|kv| (kv.key.clone(), kv.value.clone(), kv.revision)).collect();
+            let theirs: Vec<_> = listed.into_iter().map(|kv| (kv.key, kv.value, kv.revision)).collect();
+            assert_eq!(mine, theirs);
+        });
+    }
+}
