@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A backend package with a conformance suite: `crates/latchkey-<b>/tests/conformance*.rs`.
 #[derive(Debug)]
@@ -133,6 +134,13 @@ fn build(root: &Path, pkgs: &[String]) -> Result<HashMap<String, (String, String
     Ok(exes)
 }
 
+/// What the output told so far.
+#[derive(Default)]
+struct Parsed {
+    results: HashMap<(String, String), Counts>,
+    failed_binaries: Vec<String>,
+}
+
 /// `N passed; F failed; M ignored` from a libtest `test result:` line.
 #[derive(Clone, Copy, Debug, Default)]
 struct Counts {
@@ -203,35 +211,54 @@ pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     drop(cmd); // closes our copies of the pipe's write end
 
-    let mut current: Option<String> = None;
-    let mut results: HashMap<(String, String), Counts> = HashMap::new();
-    let mut failed_binaries: Vec<String> = Vec::new();
-    let out = std::io::stdout();
-    for line in BufReader::new(reader).lines() {
-        let Ok(line) = line else { break };
-        {
-            let mut o = out.lock();
-            let _ = writeln!(o, "{line}");
-        }
-        if let Some(bin) = running_binary(&line) {
-            current = Some(bin);
-            continue;
-        }
-        if let Some(counts) = parse_result(&line) {
-            let Some(bin) = current.as_ref() else {
-                continue;
-            };
-            let (pkg, target) = exes
-                .get(bin)
-                .cloned()
-                .unwrap_or_else(|| (String::from("?"), bin.clone()));
-            if counts.failed > 0 {
-                failed_binaries.push(format!("{pkg} {target}"));
+    // Parse in a thread: if a process spawned by a test leaks the pipe's write
+    // end, cargo's exit must still end the run (after a grace period to drain).
+    let parsed: Arc<Mutex<Parsed>> = Arc::default();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    {
+        let parsed = parsed.clone();
+        let exes = exes.clone();
+        std::thread::spawn(move || {
+            let mut current: Option<String> = None;
+            let out = std::io::stdout();
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                {
+                    let mut o = out.lock();
+                    let _ = writeln!(o, "{line}");
+                }
+                if let Some(bin) = running_binary(&line) {
+                    current = Some(bin);
+                    continue;
+                }
+                if let Some(counts) = parse_result(&line) {
+                    let Some(bin) = current.as_ref() else {
+                        continue;
+                    };
+                    let (pkg, target) = exes
+                        .get(bin)
+                        .cloned()
+                        .unwrap_or_else(|| (String::from("?"), bin.clone()));
+                    let mut p = parsed.lock().unwrap_or_else(|e| e.into_inner());
+                    if counts.failed > 0 {
+                        p.failed_binaries.push(format!("{pkg} {target}"));
+                    }
+                    p.results.insert((pkg, target), counts);
+                }
             }
-            results.insert((pkg, target), counts);
-        }
+            let _ = done_tx.send(());
+        });
     }
     let status = child.wait().map_err(|e| e.to_string())?;
+    if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        eprintln!(
+            "xtask: a process started by the tests still holds their output; not waiting for it"
+        );
+    }
+    let Parsed {
+        results,
+        failed_binaries,
+    } = std::mem::take(&mut *parsed.lock().unwrap_or_else(|e| e.into_inner()));
 
     println!();
     println!("==== conformance (per backend) ====");
