@@ -322,13 +322,22 @@ impl Locks {
     /// try_lock: creates the entry only if the lock has no entry at all.
     /// `Ok(None)` when busy.
     async fn acquire_now(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
+        let owner = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1)
+            .with_keys_only();
         let txn = ETxn::new()
             .when([ECompare::create_revision(dir, CompareOp::Equal, 0).with_prefix()])
             .and_then([TxnOp::put(
                 key,
                 "",
                 Some(EPut::new().with_lease(slot.st.lease)),
-            )]);
+            )])
+            .or_else([
+                TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(dir, Some(owner)),
+            ]);
         let resp = self
             .sh
             .read(|mut c| {
@@ -337,7 +346,30 @@ impl Locks {
             })
             .await?;
         if !resp.succeeded() {
-            return Ok(None);
+            let ops = resp.op_responses();
+            let first = |i: usize| match ops.get(i) {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+                _ => None,
+            };
+            return match (first(0), first(1)) {
+                // An earlier attempt of this call (whose answer was lost)
+                // created our entry, and it is the oldest: we hold the lock.
+                (Some(mine), Some(owner)) if mine == owner => Ok(Some(mine)),
+                // Busy, with an entry of ours from a lost answer: remove it.
+                (Some(mine), _) => {
+                    let del = ETxn::new()
+                        .when([ECompare::create_revision(key, CompareOp::Equal, mine)])
+                        .and_then([TxnOp::delete(key, None)]);
+                    self.sh
+                        .read(|mut c| {
+                            let del = del.clone();
+                            async move { c.txn(del).await }
+                        })
+                        .await?;
+                    Ok(None)
+                }
+                _ => Ok(None),
+            };
         }
         // The put created the entry, so its create revision is the txn's.
         Ok(Some(resp.header().map_or(0, |h| h.revision())))
@@ -406,7 +438,12 @@ impl Locks {
                 });
             }
             let mine = kvs(0).first().map(|kv| kv.create_revision()).unwrap_or(0);
-            if attempts.load(Ordering::Relaxed) > 1 || stale_deleted || mine == 0 {
+            if mine == 0 {
+                // Deleted between the compare and the read: cannot happen
+                // inside one txn, but never hand out token 0.
+                continue;
+            }
+            if attempts.load(Ordering::Relaxed) > 1 || stale_deleted {
                 // Our own earlier attempt created it: take it.
                 let owner = kvs(1).first().map(|kv| kv.create_revision());
                 if owner == Some(mine) {

@@ -606,3 +606,57 @@ async fn leader_kill_during_locks_and_watch() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_locks_on_one_handle_share_one_lease_and_renewal() {
+    let server = latchkey_testkit::etcd();
+    let ns = latchkey_testkit::unique_namespace("many");
+    let (h, other) = (open(server.url(), &ns).await, open(server.url(), &ns).await);
+    let ttl = Duration::from_secs(3);
+    const N: usize = 1000;
+    let mut guards = Vec::with_capacity(N);
+    for i in 0..N {
+        guards.push(
+            h.lock(&format!("l{i}"), LockOptions::ttl(ttl))
+                .await
+                .unwrap(),
+        );
+    }
+    // Every entry is under one lease: the handle's lease for this TTL.
+    let lease = guards[0].entry().id.rsplit('/').next().unwrap().to_string();
+    assert!(guards
+        .iter()
+        .all(|g| g.entry().id.ends_with(&format!("/{lease}"))));
+    // Hold for 2.5 TTLs: renewal work is per lease, not per lock — one
+    // keep-alive plus one TimeToLive per tick (every TTL / 3).
+    let c0 = h.op_count();
+    let held = Instant::now();
+    while held.elapsed() < ttl * 5 / 2 {
+        assert!(
+            guards.iter().all(|g| !g.is_lost()),
+            "a lock was lost while renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let renewals = h.op_count() - c0;
+    let ticks = (held.elapsed().as_secs_f64() / (ttl.as_secs_f64() / 3.0)).ceil() as u64;
+    assert!(
+        renewals <= 2 * (ticks + 2),
+        "{renewals} requests to renew {N} locks over {ticks} ticks"
+    );
+    for i in [0, N / 2, N - 1] {
+        assert!(other
+            .try_lock(&format!("l{i}"), LockOptions::ttl(ttl))
+            .await
+            .unwrap()
+            .is_none());
+    }
+    for g in guards {
+        g.release().await.unwrap();
+    }
+    assert!(other
+        .try_lock("l7", LockOptions::ttl(ttl))
+        .await
+        .unwrap()
+        .is_some());
+}
