@@ -389,8 +389,23 @@ impl Locks {
             }
             // Held by someone else: wait until the key changes and is free.
             let mut first = true;
+            let mut failures = 0u32;
             loop {
-                let (e, idx) = self.client.kv_get_blocking(&key, index, BLOCK_WAIT).await?;
+                let (e, idx) = match self.client.kv_get_blocking(&key, index, BLOCK_WAIT).await {
+                    Ok(r) => r,
+                    // A waiter rides out a short outage (or a leader
+                    // election); `opts.wait` still bounds the whole call.
+                    Err(e) if e.is_transient() && failures < 30 => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(
+                            100 * u64::from(failures.min(10)),
+                        ))
+                        .await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                failures = 0;
                 // Consul's advice: an index that goes backwards is reset.
                 index = if idx < index { 0 } else { idx.max(1) };
                 match e {
