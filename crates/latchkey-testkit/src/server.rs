@@ -541,6 +541,13 @@ impl Server {
         self.node()?.signal(libc::SIGSTOP, true)
     }
 
+    /// Pauses the server until the returned guard drops (then SIGCONT), so a failing
+    /// assertion cannot leave a shared server frozen for the other tests.
+    pub fn pause_guard(&self) -> Result<PauseGuard<'_>> {
+        self.pause()?;
+        Ok(PauseGuard { server: self })
+    }
+
     /// Thaws a paused server (SIGCONT).
     pub fn resume(&self) -> Result<()> {
         self.node()?.signal(libc::SIGCONT, false)
@@ -567,6 +574,28 @@ impl Server {
     /// Waits (with the server's readiness deadline) until it answers its probe.
     pub fn wait_ready(&self) -> Result<()> {
         self.node()?.wait_ready()
+    }
+}
+
+/// Resumes its server when dropped; see [`Server::pause_guard`].
+#[derive(Debug)]
+#[must_use = "the server resumes when the guard drops"]
+pub struct PauseGuard<'a> {
+    server: &'a Server,
+}
+
+impl PauseGuard<'_> {
+    /// Resumes now, reporting an error (dropping the guard ignores it).
+    pub fn resume(self) -> Result<()> {
+        let r = self.server.resume();
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.server.resume();
     }
 }
 
@@ -610,8 +639,8 @@ impl Cluster {
     }
 
     /// The current leader, waiting (up to 15 s) for an election to settle. etcd: the
-    /// member whose id is the `leader` of `/v3/maintenance/status`; ZooKeeper: the
-    /// member whose `srvr` says `Mode: leader`.
+    /// member whose id is the `leader` of `/v3/maintenance/status` (plain-HTTP
+    /// clusters only); ZooKeeper: the member whose `srvr` says `Mode: leader`.
     pub fn leader(&self) -> Result<&Server> {
         if self.is_external() {
             return Err(Error::External(self.url.clone()));

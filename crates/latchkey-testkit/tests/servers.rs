@@ -249,3 +249,17 @@ fn tls_servers_start_and_speak_tls() {
         assert!(text.contains("Verification: OK"), "{addr}: {text}");
     }
 }
+
+#[test]
+fn a_pause_guard_resumes_on_drop() {
+    let s = latchkey_testkit::spawn_redis(RedisOptions::default()).unwrap();
+    let addr = s.addr().unwrap();
+    {
+        let _paused = s.pause_guard().unwrap();
+        assert_timed_out(probe::redis_ping(addr, SHORT));
+    }
+    probe::redis_ping(addr, LONG).unwrap();
+    let g = s.pause_guard().unwrap();
+    g.resume().unwrap();
+    probe::redis_ping(addr, LONG).unwrap();
+}
