@@ -117,6 +117,31 @@ fn key_of<'a>(kv_dir: &str, path: &'a str) -> Option<&'a str> {
     Some(rest.split('/').next().unwrap_or(rest))
 }
 
+/// How long the stream keeps retrying a read that fails for a transient
+/// reason (a connection being re-established) before it reports the error.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `f` until it succeeds, retrying transient failures for up to
+/// [`RETRY_FOR`]. `None` once the receiver is gone.
+async fn retrying<T, F, Fut>(tx: &Tx, mut f: F) -> Option<Result<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let give_up = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up => {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    _ = tx.closed() => return None,
+                }
+            }
+            r => return Some(r),
+        }
+    }
+}
+
 async fn run(
     b: ZookeeperBackend,
     prefix: String,
@@ -127,6 +152,7 @@ async fn run(
     let mut known: BTreeMap<String, Known> =
         baseline.into_iter().map(|(k, (kn, _))| (k, kn)).collect();
     let kv_dir = b.inner.kv_dir.clone();
+    let what = format!("watch {prefix:?}");
     let mut resync = false;
     loop {
         let ev = tokio::select! {
@@ -137,38 +163,41 @@ async fn run(
             zk::EventType::Session => match ev.session_state {
                 zk::SessionState::Disconnected => resync = true,
                 zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                    if std::mem::take(&mut resync) {
-                        match snapshot(&b, &prefix).await {
-                            Ok(now) => {
-                                // Keys that vanished entirely first, then every current state.
-                                let gone: Vec<String> = known
-                                    .keys()
-                                    .filter(|k| !now.contains_key(*k))
-                                    .cloned()
-                                    .collect();
-                                for k in gone {
-                                    if !offer(&tx, &mut known, &k, &None) {
-                                        return;
-                                    }
-                                }
-                                for (k, (_, st)) in &now {
-                                    if !offer(&tx, &mut known, k, st) {
-                                        return;
-                                    }
-                                }
-                            }
-                            Err(e) if e.is_transient() => resync = true,
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
+                    if !std::mem::take(&mut resync) {
+                        continue;
+                    }
+                    // Events of changes made while disconnected may be
+                    // missing: re-read every watched key.
+                    let now = match retrying(&tx, || snapshot(&b, &prefix)).await {
+                        None => return,
+                        Some(Ok(now)) => now,
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    // Keys whose znode vanished entirely first, then every
+                    // current state.
+                    let gone: Vec<String> = known
+                        .keys()
+                        .filter(|k| !now.contains_key(*k))
+                        .cloned()
+                        .collect();
+                    for k in gone {
+                        if !offer(&tx, &mut known, &k, &None) {
+                            return;
+                        }
+                    }
+                    for (k, (_, st)) in &now {
+                        if !offer(&tx, &mut known, k, st) {
+                            return;
                         }
                     }
                 }
                 _ => {
                     let _ = tx.send(Err(Error::unavailable(
                         NAME,
-                        format!("watch {prefix:?}: the session ended ({})", ev.session_state),
+                        format!("{what}: the session ended ({})", ev.session_state),
                     )));
                     return;
                 }
@@ -184,15 +213,14 @@ async fn run(
                     continue;
                 }
                 let path = format!("{kv_dir}/{name}");
-                match b.read_key(&path, &format!("watch {prefix:?}")).await {
-                    Ok(st) => {
+                match retrying(&tx, || b.read_key(&path, &what)).await {
+                    None => return,
+                    Some(Ok(st)) => {
                         if !offer(&tx, &mut known, &key, &st) {
                             return;
                         }
                     }
-                    // Lost connection: the reconnect's resync catches up.
-                    Err(e) if e.is_transient() => resync = true,
-                    Err(e) => {
+                    Some(Err(e)) => {
                         let _ = tx.send(Err(e));
                         return;
                     }
