@@ -258,65 +258,91 @@ impl Locks {
                 None => return Ok(None),
             }
         };
-        let slot = self.slot(opts.ttl).await?;
-        let layout = &self.sh.layout;
-        let key = layout.lock_entry(name, slot.st.lease);
-        let dir = layout.lock_dir(name);
-        // Until the entry becomes a held lock, a cancelled or failed attempt
-        // deletes it; the local turn is given up only after that, so the next
-        // local task never finds this task's entry.
+        let dir = self.sh.layout.lock_dir(name);
         let turn_cell: Arc<Mutex<Option<LocalTurn>>> = Arc::new(Mutex::new(Some(turn)));
-        let cleanup = {
-            let (sh, key, cell) = (self.sh.clone(), key.clone(), turn_cell.clone());
-            CancelOnDrop::new(async move {
-                let r = sh
-                    .read(|mut c| {
-                        let key = key.clone();
-                        async move { c.delete(key, None).await }
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "deleting a cancelled lock entry failed; it expires with its lease");
+        loop {
+            let slot = self.slot(opts.ttl).await?;
+            let key = self.sh.layout.lock_entry(name, slot.st.lease);
+            // Until the entry becomes a held lock, a cancelled or failed
+            // attempt deletes it; the local turn is given up only after that,
+            // so the next local task never finds this task's entry.
+            let delete = {
+                let (sh, key) = (self.sh.clone(), key.clone());
+                async move {
+                    let r = sh
+                        .read(|mut c| {
+                            let key = key.clone();
+                            async move { c.delete(key, None).await }
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "deleting an abandoned lock entry failed; it expires with its lease");
+                    }
                 }
-                lock_mutex(&cell).take();
-            })
-        };
-        let outcome = if wait {
-            self.acquire_waiting(&slot, &key, &dir).await
-        } else {
-            self.acquire_now(&slot, &key, &dir).await
-        };
-        let my_rev = match outcome {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                // Busy: try_lock created nothing.
-                lock_mutex(&turn_cell).take();
+            };
+            let cleanup = {
+                let (cell, delete) = (turn_cell.clone(), delete);
+                CancelOnDrop::new(async move {
+                    delete.await;
+                    lock_mutex(&cell).take();
+                })
+            };
+            let outcome = if wait {
+                self.acquire_waiting(&slot, &key, &dir).await
+            } else {
+                self.acquire_now(&slot, &key, &dir).await
+            };
+            let my_rev = match outcome {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    // Busy: try_lock created nothing.
+                    lock_mutex(&turn_cell).take();
+                    cleanup.disarm();
+                    return Ok(None);
+                }
+                Err(Error::LockLost { .. }) if wait => {
+                    // Our entry vanished while we waited (the lease expired
+                    // during a partition, or an operator deleted it): queue
+                    // again, with a fresh lease if this one is gone.
+                    cleanup.disarm();
+                    let (sh, key) = (self.sh.clone(), key.clone());
+                    let _ = sh
+                        .read(|mut c| {
+                            let key = key.clone();
+                            async move { c.delete(key, None).await }
+                        })
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    cleanup.run_now().await;
+                    return Err(e);
+                }
+            };
+            let entry = LockEntry {
+                name: name.to_string(),
+                token: my_rev as u64,
+                id: key,
+            };
+            // The entry lives as long as the lease, which is proven alive
+            // until its last confirmed renewal + TTL.
+            let since = *lock_mutex(&slot.st.confirmed);
+            let trigger = slot.group.add(entry.clone(), since);
+            if trigger.is_fired() && wait {
+                // The lease died just now: this holding is worthless.
                 cleanup.disarm();
-                return Ok(None);
+                continue;
             }
-            Err(e) => {
-                cleanup.run_now().await;
-                return Err(e);
-            }
-        };
-        let turn = lock_mutex(&turn_cell).take();
-        cleanup.disarm();
-        let entry = LockEntry {
-            name: name.to_string(),
-            token: my_rev as u64,
-            id: key,
-        };
-        // The entry lives as long as the lease, which is proven alive until
-        // its last confirmed renewal + TTL.
-        let since = *lock_mutex(&slot.st.confirmed);
-        let trigger = slot.group.add(entry.clone(), since);
-        let ops = Arc::new(Ops {
-            sh: self.sh.clone(),
-            slot,
-            slots: self.slots.clone(),
-            secs: ttl_secs(opts.ttl),
-        });
-        Ok(Some(LockGuard::new(entry, trigger, ops, turn)))
+            let turn = lock_mutex(&turn_cell).take();
+            cleanup.disarm();
+            let ops = Arc::new(Ops {
+                sh: self.sh.clone(),
+                slot,
+                slots: self.slots.clone(),
+                secs: ttl_secs(opts.ttl),
+            });
+            return Ok(Some(LockGuard::new(entry, trigger, ops, turn)));
+        }
     }
 
     /// try_lock: creates the entry only if the lock has no entry at all.

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_conformance::checkers::{check_exclusion, Clock, Holding};
 use latchkey_core::{
-    BackendUrl, Compare, DistributedLock, Error, EventKind, KvStore, LockOptions, Op, PutOptions,
-    Txn, TxnRequest,
+    Backend, BackendUrl, Compare, DistributedLock, Error, EventKind, KvStore, LockOptions, Op,
+    PutOptions, Txn, TxnRequest,
 };
 use latchkey_etcd::EtcdBackend;
 use latchkey_testkit::{EtcdOptions, FaultProxy};
@@ -659,4 +659,103 @@ async fn thousand_locks_on_one_handle_share_one_lease_and_renewal() {
         .await
         .unwrap()
         .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_whose_entry_vanishes_queues_again() {
+    let server = latchkey_testkit::etcd();
+    let ns = latchkey_testkit::unique_namespace("requeue");
+    let (a, b) = (
+        open(server.url(), &ns).await,
+        Arc::new(open(server.url(), &ns).await),
+    );
+    let mut raw =
+        etcd_client::Client::connect([server.url().replacen("etcd://", "http://", 1)], None)
+            .await
+            .unwrap();
+    let opts = LockOptions::ttl(Duration::from_secs(10));
+    let held = a.lock("x", opts.clone()).await.unwrap();
+    let b2 = b.clone();
+    let o2 = opts.clone().with_wait(Duration::from_secs(10));
+    let waiting = tokio::spawn(async move { b2.lock("x", o2).await });
+    let dir = format!("latchkey@{ns}/lock/x/");
+    let all = || {
+        etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let waiter_key = loop {
+        let r = raw.get(dir.clone(), Some(all())).await.unwrap();
+        if let Some(kv) = r
+            .kvs()
+            .iter()
+            .find(|kv| kv.key_str().unwrap() != held.entry().id)
+        {
+            break kv.key().to_vec();
+        }
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // An operator deletes the waiter's entry; then the holder releases.
+    raw.delete(waiter_key, None).await.unwrap();
+    let token = held.fencing_token();
+    held.release().await.unwrap();
+    let g = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter gets the lock")
+        .unwrap()
+        .expect("the waiter queued again instead of failing");
+    assert!(g.fencing_token() > token);
+    let r = raw.get(dir, Some(all())).await.unwrap();
+    assert_eq!(r.kvs().len(), 1, "only the new holder's entry is left");
+    g.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_keys_share_a_lease_and_never_expire_early() {
+    let server = latchkey_testkit::etcd();
+    let ns = latchkey_testkit::unique_namespace("ttlshare");
+    let h = open(server.url(), &ns).await;
+    let mut raw =
+        etcd_client::Client::connect([server.url().replacen("etcd://", "http://", 1)], None)
+            .await
+            .unwrap();
+    let ttl = Duration::from_secs(2);
+    h.put("a", Bytes::from("1"), PutOptions::ttl(ttl))
+        .await
+        .unwrap();
+    // Late in the sharing window, a second put with the same TTL.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t = Instant::now();
+    h.put("b", Bytes::from("2"), PutOptions::ttl(ttl))
+        .await
+        .unwrap();
+    let lease = |r: etcd_client::GetResponse| r.kvs()[0].lease();
+    let la = lease(raw.get(format!("latchkey@{ns}/kv/a"), None).await.unwrap());
+    let lb = lease(raw.get(format!("latchkey@{ns}/kv/b"), None).await.unwrap());
+    assert_eq!(la, lb, "puts with one TTL within the window share a lease");
+    assert!(h.get("b").await.unwrap().unwrap().lease_ttl.unwrap() >= ttl);
+    // b lives its whole TTL although its lease was granted 0.8 s earlier…
+    while t.elapsed() < ttl - Duration::from_millis(50) {
+        assert!(
+            h.get("b").await.unwrap().is_some(),
+            "b expired early, after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // …and is gone within TTL + the declared granularity + slack.
+    let bound = ttl + h.capabilities().ttl_granularity + Duration::from_millis(750);
+    while h.get("b").await.unwrap().is_some() {
+        assert!(t.elapsed() < bound, "b outlived {bound:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A put after the window gets a new lease.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.put("c", Bytes::from("3"), PutOptions::ttl(ttl))
+        .await
+        .unwrap();
+    let lc = lease(raw.get(format!("latchkey@{ns}/kv/c"), None).await.unwrap());
+    assert_ne!(lc, la);
 }
