@@ -288,8 +288,15 @@ if head == owner then
   local p = redis.call('PTTL', KEYS[1])
   if p >= 0 and p < bound then bound = p end
 else
-  local d = tonumber(redis.call('ZSCORE', KEYS[4], head)) - now
-  if d < bound then bound = d end
+  local lease = redis.call('ZSCORE', KEYS[4], head)
+  if lease then
+    local d = tonumber(lease) - now
+    if d < bound then bound = d end
+  else
+    -- a queue entry without a lease is nobody's: drop it, look again soon
+    redis.call('ZREM', KEYS[3], head)
+    bound = 1
+  end
 end
 if bound < 1 then bound = 1 end
 return {0, bound}
