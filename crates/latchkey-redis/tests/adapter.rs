@@ -1037,7 +1037,7 @@ async fn a_crashed_waiter_does_not_block_the_queue() {
 async fn try_lock_does_not_jump_the_queue() {
     let base = shared_url();
     let ns = unique_namespace("nojump");
-    let mut con = raw(&base).await;
+    let con = raw(&base).await;
     let (a, b, c) = (
         open(&base, &ns).await,
         open(&base, &ns).await,
