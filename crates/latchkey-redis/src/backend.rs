@@ -47,7 +47,8 @@ pub(crate) struct Shared {
 /// waits, plus one connection per open watch. Any number of locks, held or
 /// awaited, share these.
 ///
-/// Get one with [`crate::connect`] or [`RedisBackend::connect`].
+/// Get one with [`crate::connect`] or [`RedisBackend::connect`]. Cloning
+/// shares the handle (its connections, renewals and local lock queues).
 #[derive(Clone)]
 pub struct RedisBackend {
     pub(crate) shared: Arc<Shared>,

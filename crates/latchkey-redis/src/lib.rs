@@ -1,6 +1,7 @@
 //! # latchkey-redis
 //!
-//! latchkey on one Redis primary (5.0+; tested with 7.0): the KV store
+//! latchkey on one Redis primary (written for Redis 6.0+, tested with
+//! 7.0): the KV store
 //! with revisions, prefix lists, watches and transactions, and locks with
 //! fencing tokens. **Redis is the fast, simple choice, not the safest**:
 //! see [What Redis cannot promise](#what-redis-cannot-promise).
@@ -22,7 +23,7 @@
 //! |---|---|---|
 //! | `namespace` | prefix of every key and lock (see below) | `""` |
 //! | `timeout` | connecting, and waiting for each reply (`500ms`, `2s`); a dead server gives `Unavailable` within it | `2s` |
-//! | `history` | change events the stream keeps for watches that resume (approximate: `XADD MAXLEN ~`) | `10000` |
+//! | `history` | change events the stream keeps for watches that resume (approximate: `XADD MAXLEN ~`); each event holds the value written, so this bounds memory as `history` × value size | `10000` |
 //! | `ca` | path of a PEM file of CA certificates to trust (`rediss://` only) | system roots |
 //!
 //! ACL users work with `user:password@`; a password alone authenticates
@@ -37,6 +38,8 @@
 //! call connects again: the caller does nothing. A read, or an idempotent
 //! lock operation, is retried once on the new connection; a write whose
 //! reply was lost is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate).
+//! Lock waiters and watches ride out an outage of up to one `timeout` (a
+//! restart) and then carry on; longer, they fail with `Unavailable`.
 //!
 //! ## Key layout
 //!
@@ -65,8 +68,8 @@
 //! redsync or redis-py `Lock` on that key excludes ours and ours excludes it.
 //! Foreign clients do not queue (they may take a free lock ahead of our
 //! queue), and a foreign release publishes nothing, so our head waiter
-//! notices it when the foreign key's PTTL runs out (or after one TTL if the
-//! key has no expiry).
+//! notices it when the foreign key's PTTL runs out (or within the refresh
+//! period below if the key has no expiry).
 //!
 //! ## How it works
 //!
