@@ -96,6 +96,14 @@ async fn urls_are_checked_and_the_token_never_printed() {
         };
         assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
     }
+    if !cfg!(feature = "tls") {
+        let e = match latchkey_consul::connect(BackendUrl::parse("consuls://h:8501").unwrap()).await
+        {
+            Ok(_) => panic!("consuls:// accepted without the tls feature"),
+            Err(e) => e,
+        };
+        assert!(e.to_string().contains("\"tls\""), "{e}");
+    }
     let url = BackendUrl::parse("consul://127.0.0.1:1?token=s3cret-token&dc=dc9").unwrap();
     let b = ConsulBackend::connect(&url).await.unwrap();
     let shown = format!("{url} {url:?} {b:?}");
