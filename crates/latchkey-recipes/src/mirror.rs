@@ -1,12 +1,17 @@
 //! [`Mirror`]: a local, read-only, in-memory copy of a key prefix.
 //!
 //! It is filled by `list` and kept current by a watch opened *before* the
-//! list, so no change falls between the two. Events are applied in order:
-//! an event a key's listed state already contains (revision ≤ the key's
-//! listed revision) is skipped; an event for a key absent from the listing
-//! whose revision is not above the revision read right after the listing
-//! is held back until the watch passes that revision (it may predate the
-//! listing, and applying it early could resurrect a deleted key).
+//! list, so no change falls between the two. The listing is bracketed by
+//! two reads of the store's revision; events the listing may or may not
+//! contain are held back until the watch has passed the second one (or
+//! the copy is rebuilt from a new listing if the watch goes quiet first),
+//! so a published state is always one the store had and its
+//! [`revision`](Snapshot::revision) is sound: every write up to it is
+//! reflected. This needs revisions from one global sequence
+//! ([`Capabilities::global_revision`](latchkey_core::Capabilities)) and a
+//! read-only transaction that reports the store's revision; without the
+//! latter every event is applied as it comes (a key deleted just before
+//! the listing may then show briefly).
 //!
 //! When the watch fails or ends — a reconnect, [`Error::Compacted`], or a
 //! backend whose watch cannot resume — the mirror **resynchronises**: it
@@ -192,41 +197,53 @@ impl Mirror {
 }
 
 /// The mirror's working copy between publications.
+///
+/// A listing is bracketed by two reads of the store's revision: `r0`
+/// after the watch is open and before the listing, `r1` after it. Every
+/// write up to `r0` (and up to the newest revision listed) is in the
+/// listing, so that is a sound label for it. Events up to `r0` are already
+/// in it and are skipped; events in `(r0, r1]` may or may not be (the
+/// listing happened somewhere in between), so they are held back and the
+/// listing alone is shown; once the watch passes `r1` they are all applied
+/// in order — each key's last event is its state — and from then on every
+/// event is applied as it comes. If the watch goes quiet while events are
+/// held back, the copy is rebuilt from a new listing instead.
 struct Working {
     map: BTreeMap<String, KeyValue>,
     /// Last revision applied per key (deletes included).
     seen: HashMap<String, Revision>,
-    /// The revision read right after the listing (≥ the listing's).
-    listed_at: Revision,
-    /// Held-back events (latest per key) of keys absent from the listing.
-    pending: HashMap<String, WatchEvent>,
-    /// Highest revision applied so far.
-    applied: Revision,
+    r0: Revision,
+    r1: Revision,
+    held: Vec<WatchEvent>,
+    /// The watch has passed `r1`: every event is applied as it comes.
+    passed: bool,
+    /// Every write up to this revision is reflected.
+    label: Revision,
 }
 
 impl Working {
     fn apply(&mut self, ev: WatchEvent) {
-        if let Some(s) = self.seen.get(&ev.key) {
-            if ev.revision <= *s {
+        if !self.passed {
+            if ev.revision <= self.r0 {
                 return;
             }
-        } else if ev.revision <= self.listed_at {
-            // Maybe from before the listing: hold it until the watch
-            // passes `listed_at` (then the latest one is the state).
-            self.pending.insert(ev.key.clone(), ev);
-            return;
-        }
-        if ev.revision > self.listed_at && !self.pending.is_empty() {
-            let pending: Vec<_> = self.pending.drain().map(|(_, e)| e).collect();
-            for e in pending {
-                self.put_event(e);
+            if ev.revision <= self.r1 {
+                self.held.push(ev);
+                return;
+            }
+            self.passed = true;
+            for h in std::mem::take(&mut self.held) {
+                self.put_event(h);
             }
         }
         self.put_event(ev);
     }
 
     fn put_event(&mut self, ev: WatchEvent) {
-        self.applied = self.applied.max(ev.revision);
+        if self.seen.get(&ev.key).is_some_and(|s| ev.revision <= *s) {
+            return;
+        }
+        self.label = self.label.max(ev.revision);
         self.seen.insert(ev.key.clone(), ev.revision);
         match ev.kind {
             EventKind::Put => {
@@ -244,18 +261,15 @@ impl Working {
         }
     }
 
-    fn label(&self) -> Revision {
-        let top = self.applied.max(self.listed_at);
-        match self.pending.values().map(|e| e.revision).min() {
-            Some(p) => top.min(p.saturating_sub(1)),
-            None => top,
-        }
+    /// Events are held back and the watch is quiet: re-list.
+    fn needs_rebase(&self) -> bool {
+        !self.passed && !self.held.is_empty()
     }
 
     fn snapshot(&self, generation: u64, floor: Revision) -> Snapshot {
         Snapshot {
             entries: self.map.clone(),
-            revision: self.label().max(floor),
+            revision: self.label.max(floor),
             generation,
         }
     }
@@ -278,19 +292,27 @@ async fn store_revision(backend: &Arc<dyn Backend>, prefix: &str) -> Revision {
     }
 }
 
-/// A fresh copy from one listing, for backends whose watch coalesces: the
-/// revision is read *before* the listing, so every write up to it (and up
-/// to the newest revision listed) is in the copy.
-async fn relist(backend: &Arc<dyn Backend>, prefix: &str) -> Result<Working> {
-    let before = store_revision(backend, prefix).await;
+/// A copy from one listing, bracketed by two revision reads (see
+/// [`Working`]). With `coalesced`, the watch is only a wake-up and the
+/// copy never waits for it to pass `r1`.
+async fn list_copy(backend: &Arc<dyn Backend>, prefix: &str, coalesced: bool) -> Result<Working> {
+    let r0 = store_revision(backend, prefix).await;
     let list = backend.list(prefix, Default::default()).await?;
+    let r1 = if coalesced {
+        r0
+    } else {
+        store_revision(backend, prefix).await
+    };
     let max_listed = list.iter().map(|kv| kv.revision).max().unwrap_or(0);
     let mut work = Working {
         map: BTreeMap::new(),
         seen: HashMap::new(),
-        listed_at: before.max(max_listed),
-        pending: HashMap::new(),
-        applied: 0,
+        r0,
+        r1: r1.max(r0),
+        held: Vec::new(),
+        // A backend that cannot tell its revision (0): apply every event.
+        passed: coalesced || r1 == 0,
+        label: r0.max(max_listed),
     };
     for kv in list {
         work.seen.insert(kv.key.clone(), kv.revision);
@@ -299,28 +321,18 @@ async fn relist(backend: &Arc<dyn Backend>, prefix: &str) -> Result<Working> {
     Ok(work)
 }
 
-/// Opens a watch, then lists, then reads the store's revision.
+/// Opens a watch, then lists.
 async fn sync(backend: &Arc<dyn Backend>, prefix: &str) -> Result<(WatchStream, Working)> {
     let watch = backend.watch(prefix, None).await?;
-    if !backend.capabilities().watch_every_revision {
-        return Ok((watch, relist(backend, prefix).await?));
-    }
-    let list = backend.list(prefix, Default::default()).await?;
-    let after = store_revision(backend, prefix).await;
-    let max_listed = list.iter().map(|kv| kv.revision).max().unwrap_or(0);
-    let mut work = Working {
-        map: BTreeMap::new(),
-        seen: HashMap::new(),
-        listed_at: after.max(max_listed),
-        pending: HashMap::new(),
-        applied: 0,
-    };
-    for kv in list {
-        work.seen.insert(kv.key.clone(), kv.revision);
-        work.map.insert(kv.key.clone(), kv);
-    }
-    Ok((watch, work))
+    let coalesced = !backend.capabilities().watch_every_revision;
+    Ok((watch, list_copy(backend, prefix, coalesced).await?))
 }
+
+/// How long the watch must stay quiet before the events of the newest
+/// revision are published: the events of one transaction share a revision
+/// and may be delivered one by one; publishing only whole revisions keeps
+/// every state one the store had.
+const GRACE: Duration = Duration::from_millis(2);
 
 async fn follow(
     backend: Arc<dyn Backend>,
@@ -335,59 +347,74 @@ async fn follow(
     // A coalescing watch is only a wake-up: each wake-up re-lists, so
     // every published state is one the store had.
     let coalesced = !backend.capabilities().watch_every_revision;
+    // Received, not yet applied (in revision order).
+    let mut buf: Vec<WatchEvent> = Vec::new();
     loop {
-        // Apply everything that is ready, then publish once. The events of
-        // one transaction share a revision and usually arrive together;
-        // give the watch one more turn to deliver the rest of them.
-        let first = watch.next().await;
-        let mut batch = vec![first];
-        for round in 0..2 {
-            while batch.len() < 1024 {
-                match watch.next().now_or_never() {
-                    Some(item) => batch.push(item),
-                    None => break,
-                }
-            }
-            if round == 0 {
-                tokio::task::yield_now().await;
+        let mut broken: Option<String> = None;
+        let take = |item: Option<Result<WatchEvent>>,
+                    buf: &mut Vec<WatchEvent>,
+                    broken: &mut Option<String>| match item {
+            Some(Ok(ev)) if ev.key.starts_with(&prefix) => buf.push(ev),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => *broken = Some(e.to_string()),
+            None => *broken = Some("the watch ended".into()),
+        };
+        if buf.is_empty() {
+            let item = watch.next().await;
+            take(item, &mut buf, &mut broken);
+        }
+        while broken.is_none() && buf.len() < 4096 {
+            match watch.next().now_or_never() {
+                Some(item) => take(item, &mut buf, &mut broken),
+                None => break,
             }
         }
-        let mut broken = None;
-        let before = work.label();
-        let mut woke = false;
-        for item in batch {
-            match item {
-                Some(Ok(ev)) if ev.key.starts_with(&prefix) => {
-                    woke = true;
-                    if !coalesced {
-                        work.apply(ev);
-                    }
+        let quiet = broken.is_some()
+            || match tokio::time::timeout(GRACE, watch.next()).await {
+                Ok(item) => {
+                    take(item, &mut buf, &mut broken);
+                    broken.is_some()
                 }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    broken = Some(e.to_string());
-                    break;
+                Err(_) => true,
+            };
+        if coalesced {
+            if !buf.is_empty() && broken.is_none() {
+                buf.clear();
+                // Everything received so far happened before this listing.
+                match list_copy(&backend, &prefix, true).await {
+                    Ok(fresh) => work = fresh,
+                    Err(e) => broken = Some(e.to_string()),
                 }
-                None => {
-                    broken = Some("the watch ended".into());
-                    break;
+            }
+        } else {
+            // Apply whole revisions only: the newest one waits for the
+            // watch to be quiet (or for a newer revision).
+            let cut = if quiet {
+                buf.len()
+            } else {
+                let newest = buf.last().map_or(0, |e| e.revision);
+                buf.iter().take_while(|e| e.revision < newest).count()
+            };
+            for ev in buf.drain(..cut) {
+                work.apply(ev);
+            }
+            if quiet && broken.is_none() && work.needs_rebase() {
+                // Everything received so far happened before this listing.
+                match list_copy(&backend, &prefix, false).await {
+                    Ok(fresh) => work = fresh,
+                    Err(e) => broken = Some(e.to_string()),
                 }
             }
         }
-        if coalesced && woke && broken.is_none() {
-            match relist(&backend, &prefix).await {
-                Ok(fresh) => work = fresh,
-                Err(e) => broken = Some(e.to_string()),
-            }
-        }
-        if broken.is_none() || work.label() != before {
+        let Some(reason) = broken else {
             let floor = tx.borrow().revision;
             let snap = work.snapshot(generation, floor);
             if *tx.borrow().as_ref() != snap {
                 tx.send_replace(Arc::new(snap));
             }
-        }
-        let Some(reason) = broken else { continue };
+            continue;
+        };
+        buf.clear();
         tracing::info!(prefix = %prefix, reason = %reason, "mirror: resynchronising");
         *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         // List again into a fresh copy; keep serving the old one meanwhile.
@@ -410,8 +437,5 @@ async fn follow(
         resyncs.fetch_add(1, Ordering::SeqCst);
         let floor = tx.borrow().revision;
         tx.send_replace(Arc::new(work.snapshot(generation, floor)));
-        if tx.is_closed() {
-            return;
-        }
     }
 }

@@ -462,3 +462,55 @@ proptest::proptest! {
         });
     }
 }
+
+/// Mirrors started while a writer commits `p/a = p/b = i` in one txn
+/// after another: no snapshot any of them publishes shows `a != b` (a
+/// state the store never had), and each ends on the final pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_started_mid_stream_never_shows_half_a_txn() {
+    let store = MemStore::new();
+    let w = handle(&store);
+    let writer = tokio::spawn(async move {
+        let mut last = 0;
+        for i in 0..400u32 {
+            let v = i.to_string();
+            last = w
+                .txn(TxnRequest::new().then([Op::put("p/a", v.clone()), Op::put("p/b", v)]))
+                .await
+                .unwrap()
+                .revision;
+            if i % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        last
+    });
+    let mut checkers = Vec::new();
+    for _ in 0..5 {
+        let m = Mirror::start(handle(&store), "p/").await.unwrap();
+        let mut rx = m.subscribe();
+        checkers.push(tokio::spawn(async move {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                let (a, b) = (
+                    s.get("p/a").map(|kv| kv.value.clone()),
+                    s.get("p/b").map(|kv| kv.value.clone()),
+                );
+                assert_eq!(a, b, "a published snapshot shows half a txn: {s:?}");
+                if a == Some(Bytes::from("399")) {
+                    return m;
+                }
+                tokio::time::timeout(T, rx.changed())
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }));
+        tokio::task::yield_now().await;
+    }
+    let last = writer.await.unwrap();
+    for c in checkers {
+        let m = tokio::time::timeout(T, c).await.unwrap().unwrap();
+        assert!(m.revision() >= last);
+    }
+}
