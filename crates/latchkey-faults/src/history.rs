@@ -80,6 +80,8 @@ pub struct StaleHolder {
     pub other_acquired: bool,
     /// Its write after resuming.
     pub outcome: WriteOutcome,
+    /// The error behind an unknown outcome.
+    pub error: String,
     /// Its `lost()` fired (before the write, or within a TTL after it).
     pub lost_fired: bool,
 }
@@ -120,6 +122,8 @@ pub struct Findings {
     /// Losses / anomalies the backend's declared capabilities allow (weaker read
     /// mode, non-durable store restarted): reported, not failed.
     pub allowed: Vec<String>,
+    /// What the run did, in one line (write outcomes, unknown ops, stale episodes).
+    pub summary: String,
 }
 
 /// What the checks may assume of the backend (from its declared capabilities).
@@ -138,8 +142,31 @@ pub struct Promises {
 /// linearizability of the KV register, the counter's exact count, and the
 /// stale-holder assertions.
 pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Duration) -> Findings {
+    let count = |o: WriteOutcome| h.counter.iter().filter(|a| a.outcome == o).count();
     let mut f = Findings {
         ops: h.ops,
+        summary: format!(
+            "counter writes: {} committed, {} rejected by the fence, {} unknown; kv ops: {} ({} unknown); \
+             stale-holder episodes: {}; final counter {:?}",
+            count(WriteOutcome::Committed),
+            count(WriteOutcome::Rejected),
+            count(WriteOutcome::Indeterminate),
+            h.kv.len(),
+            h.kv.iter().filter(|k| k.op.output.is_none()).count(),
+            h.stale
+                .iter()
+                .map(|s| format!(
+                    "[{}: other acquired {}, write {}{}, lost() {}]",
+                    s.how,
+                    s.other_acquired,
+                    s.outcome.as_str(),
+                    if s.error.is_empty() { String::new() } else { format!(" ({})", s.error) },
+                    if s.lost_fired { "fired" } else { "silent" }
+                ))
+                .collect::<Vec<_>>()
+                .join(" "),
+            final_counter
+        ),
         ..Default::default()
     };
     let excusable = |f: &mut Findings, msg: String, durability: bool| {

@@ -231,8 +231,12 @@ pub fn run(opts: &RunOptions) -> Report {
                                 f.allowed.len(),
                                 started.elapsed().as_secs_f64()
                             );
+                            eprintln!("[faults]   {}", f.summary);
                             for v in &f.violations {
                                 eprintln!("[faults]   VIOLATION {v}");
+                            }
+                            for a in &f.allowed {
+                                eprintln!("[faults]   allowed {a}");
                             }
                         }
                     }

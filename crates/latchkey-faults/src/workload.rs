@@ -115,6 +115,16 @@ async fn write_counter(
     cfg: &RunCfg,
     value: u64,
 ) -> WriteOutcome {
+    write_counter_why(c, guard, cfg, value).await.0
+}
+
+/// [`write_counter`], with the error behind an unknown outcome.
+async fn write_counter_why(
+    c: &Coordinator,
+    guard: &LockGuard,
+    cfg: &RunCfg,
+    value: u64,
+) -> (WriteOutcome, String) {
     let v = Bytes::from(value.to_string());
     if cfg.unfenced {
         return match tokio::time::timeout(
@@ -123,19 +133,21 @@ async fn write_counter(
         )
         .await
         {
-            Ok(Ok(_)) => WriteOutcome::Committed,
-            _ => WriteOutcome::Indeterminate,
+            Ok(Ok(_)) => (WriteOutcome::Committed, String::new()),
+            Ok(Err(e)) => (WriteOutcome::Indeterminate, e.to_string()),
+            Err(_) => (WriteOutcome::Indeterminate, "timed out".into()),
         };
     }
     let txn = TxnRequest::new()
         .when([Compare::held(guard)])
         .then([Op::put(cfg.counter_key.clone(), v)]);
     match tokio::time::timeout(cfg.op_timeout, c.txn(txn)).await {
-        Ok(Ok(out)) if out.succeeded => WriteOutcome::Committed,
-        Ok(Ok(_)) => WriteOutcome::Rejected,
+        Ok(Ok(out)) if out.succeeded => (WriteOutcome::Committed, String::new()),
+        Ok(Ok(_)) => (WriteOutcome::Rejected, String::new()),
         // A lost lock reported as an error by the held() compare: nothing was written.
-        Ok(Err(Error::LockLost { .. })) => WriteOutcome::Rejected,
-        _ => WriteOutcome::Indeterminate,
+        Ok(Err(Error::LockLost { .. })) => (WriteOutcome::Rejected, String::new()),
+        Ok(Err(e)) => (WriteOutcome::Indeterminate, e.to_string()),
+        Err(_) => (WriteOutcome::Indeterminate, "timed out".into()),
     }
 }
 
@@ -381,8 +393,8 @@ pub fn holder_main(url: String, cfg: RunCfg) -> std::process::ExitCode {
                 },
                 "write" => match (guard.as_ref(), arg.parse::<u64>()) {
                     (Some(g), Ok(v)) => {
-                        let o = write_counter(c, g, &cfg, v).await;
-                        format!("write {} {}", o.as_str(), u8::from(g.is_lost()))
+                        let (o, why) = write_counter_why(c, g, &cfg, v).await;
+                        format!("write {} {} {why}", o.as_str(), u8::from(g.is_lost()))
                     }
                     _ => "err no guard".into(),
                 },
@@ -534,20 +546,22 @@ impl ChildDriver {
                 });
                 h.counter.len() - 1
             });
-            let (outcome, mut lost) =
+            let (outcome, mut lost, why) =
                 match self.ask(&format!("write {}", n + 1), cfg.op_timeout * 2) {
                     Ok(r) => {
-                        let mut it = r.split_whitespace();
+                        let mut it = r.splitn(4, ' ');
                         match (
                             it.next(),
                             it.next().and_then(WriteOutcome::parse),
                             it.next(),
                         ) {
-                            (Some("write"), Some(o), l) => (o, l == Some("1")),
-                            _ => (WriteOutcome::Indeterminate, false),
+                            (Some("write"), Some(o), l) => {
+                                (o, l == Some("1"), it.next().unwrap_or("").to_string())
+                            }
+                            _ => (WriteOutcome::Indeterminate, false, r.clone()),
                         }
                     }
-                    Err(_) => (WriteOutcome::Indeterminate, false),
+                    Err(e) => (WriteOutcome::Indeterminate, false, e),
                 };
             shared.with(|h| h.counter[idx].outcome = outcome);
             if let Some(how) = stale {
@@ -566,6 +580,7 @@ impl ChildDriver {
                         },
                         other_acquired,
                         outcome,
+                        error: why,
                         lost_fired: lost,
                     })
                 });
