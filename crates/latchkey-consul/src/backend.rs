@@ -50,6 +50,13 @@
 //! atomically and in isolation; a txn is never split. Gets are real `get`
 //! ops inside the committing txn (after earlier ops of the branch, as in
 //! etcd). A branch of only reads is sent as a read-only `?consistent` txn.
+//!
+//! Fast path: when every compare has a native check (`held` →
+//! `check-session` + `check-index(token)`, `revision = r` → `check-index`,
+//! `revision = 0` and `absent` → `check-not-exists`) and `then` only puts,
+//! the checks and the writes go in one txn first; only if it rolls back does
+//! the read-and-pin path run. A fenced write or a CAS on several keys is
+//! then one round trip.
 
 use crate::client::{Client, Entry, KvOp, TxnReply, Verb, NAME};
 use crate::keys;
@@ -341,6 +348,105 @@ impl Inner {
             NAME,
             format!("deleting key {key:?}: it kept changing"),
         ))
+    }
+
+    /// The one-round-trip path: when every compare has a native check
+    /// (`held` → `check-session` + `check-index(token)`, `revision = r` →
+    /// `check-index`, `revision = 0` / `absent` → `check-not-exists`) and the
+    /// `then` branch only puts, send checks and writes in one txn. If a check
+    /// fails nothing was written and `Ok(None)` sends the caller to the
+    /// general read-and-pin path (which then runs `otherwise`).
+    async fn txn_fast(
+        &self,
+        req: &TxnRequest,
+        sessions: &mut HashMap<u64, String>,
+    ) -> Result<Option<TxnOutcome>> {
+        if req.then.is_empty() {
+            return Ok(None);
+        }
+        let mut ops: Vec<KvOp> = Vec::new();
+        for c in &req.when {
+            match c {
+                Compare::Held(e) => {
+                    let k = self.locks.key(&e.name);
+                    ops.push(
+                        KvOp::new(Verb::CheckSession, k.clone())
+                            .session(crate::lock::session_of(e).to_string()),
+                    );
+                    ops.push(KvOp::new(Verb::CheckIndex, k).index(e.token));
+                }
+                Compare::Revision {
+                    key,
+                    op: latchkey_core::CmpOp::Equal,
+                    revision,
+                } => ops.push(if *revision == 0 {
+                    KvOp::new(Verb::CheckNotExists, self.ckey(key))
+                } else {
+                    KvOp::new(Verb::CheckIndex, self.ckey(key)).index(*revision)
+                }),
+                Compare::Absent(k) => ops.push(KvOp::new(Verb::CheckNotExists, self.ckey(k))),
+                _ => return Ok(None),
+            }
+        }
+        let mut puts = Vec::new();
+        for (i, op) in req.then.iter().enumerate() {
+            let Op::Put { key, value, ttl } = op else {
+                return Ok(None);
+            };
+            let k = self.ckey(key);
+            // `delete` first: drops a TTL binding and makes a new entry.
+            ops.push(KvOp::new(Verb::Delete, k.clone()));
+            ops.push(match ttl {
+                Some(t) => {
+                    let t = session_ttl(*t)?;
+                    if let std::collections::hash_map::Entry::Vacant(v) =
+                        sessions.entry(t.as_secs())
+                    {
+                        v.insert(self.ttl_session(t).await?);
+                    }
+                    KvOp::new(Verb::Lock, k)
+                        .value(value.clone())
+                        .flags(t.as_millis() as u64)
+                        .session(sessions[&t.as_secs()].clone())
+                }
+                None => KvOp::new(Verb::Set, k).value(value.clone()),
+            });
+            puts.push((ops.len() - 1, i));
+        }
+        if ops.len() > CONSUL_MAX_TXN_OPS {
+            return Ok(None);
+        }
+        match self.client.txn(&ops, "running a transaction").await? {
+            // A check failed (or a write did, e.g. a `lock` on a TTL key
+            // of another session): nothing was written; the general path
+            // decides, and runs `otherwise` if the compares are false.
+            TxnReply::RolledBack(_) => Ok(None),
+            TxnReply::Committed(entries) => {
+                // Entry positions: count the results of the ops before each put.
+                let mut pos = Vec::with_capacity(ops.len());
+                let mut n = 0;
+                for op in &ops {
+                    pos.push(n);
+                    n += op.verb.results();
+                }
+                let mut results = vec![OpResult::Delete { deleted: false }; req.then.len()];
+                let mut revision = 0;
+                for (op_i, i) in puts {
+                    let e = entries
+                        .get(pos[op_i])
+                        .ok_or_else(|| Error::backend(NAME, "a txn result was missing"))?;
+                    revision = revision.max(e.modify_index);
+                    results[i] = OpResult::Put {
+                        revision: e.modify_index,
+                    };
+                }
+                Ok(Some(TxnOutcome {
+                    succeeded: true,
+                    results,
+                    revision,
+                }))
+            }
+        }
     }
 
     /// One attempt of a txn; `Ok(None)` when what it read changed before it
@@ -807,6 +913,9 @@ impl Txn for ConsulBackend {
             }
         }
         let mut sessions = HashMap::new();
+        if let Some(o) = self.inner.txn_fast(&req, &mut sessions).await? {
+            return Ok(o);
+        }
         for attempt in 0..MAX_ATTEMPTS {
             if let Some(o) = self.inner.txn_once(&req, &mut sessions).await? {
                 return Ok(o);
