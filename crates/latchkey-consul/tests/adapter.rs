@@ -449,3 +449,30 @@ async fn sim_ttl_key_is_deleted_when_its_session_expires() {
     assert!(b.get("gone").await.unwrap().is_none());
     assert!(b.get("stays").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_write_is_one_request_and_falls_back_when_not_held() {
+    let target = latchkey_testkit::consul();
+    let url = BackendUrl::parse(&format!("{}?namespace={}", target.url(), ns("fast"))).unwrap();
+    let (a, c) = (
+        ConsulBackend::connect(&url).await.unwrap(),
+        ConsulBackend::connect(&url).await.unwrap(),
+    );
+    let g = a.lock("x", LockOptions::default()).await.unwrap();
+    let fenced = |g: &latchkey_core::LockGuard, v: String| {
+        TxnRequest::new()
+            .when([Compare::held(g)])
+            .then([Op::put("f", v)])
+            .otherwise([Op::get("f")])
+    };
+    // The other handle sends only the txns (no lock monitor, no renewals).
+    let before = c.op_count();
+    for i in 0..10 {
+        assert!(c.txn(fenced(&g, i.to_string())).await.unwrap().succeeded);
+    }
+    assert_eq!(c.op_count() - before, 10, "one request per fenced write");
+    g.release().await.unwrap();
+    let o = c.txn(fenced(&g, "late".into())).await.unwrap();
+    assert!(!o.succeeded);
+    assert!(matches!(&o.results[..], [latchkey_core::OpResult::Get(Some(kv))] if kv.value == "9"));
+}
