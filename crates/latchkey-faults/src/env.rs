@@ -125,7 +125,7 @@ impl BackendKind {
 /// The server side of one backend configuration.
 pub enum Servers {
     /// One process with fault hooks.
-    Single(Server),
+    Single(Box<Server>),
     /// Several members with fault hooks.
     Cluster(Cluster),
     /// The in-process Consul simulator (no process to signal).
@@ -145,7 +145,7 @@ impl Env {
     pub fn start(kind: BackendKind) -> Result<Env, String> {
         let e = |e: latchkey_testkit::Error| e.to_string();
         let servers = match kind {
-            BackendKind::Redis => Servers::Single(
+            BackendKind::Redis => Servers::Single(Box::new(
                 latchkey_testkit::spawn_redis(
                     RedisOptions::default()
                         .arg("--appendonly")
@@ -154,19 +154,19 @@ impl Env {
                         .arg("always"),
                 )
                 .map_err(e)?,
-            ),
-            BackendKind::RedisVolatile => {
-                Servers::Single(latchkey_testkit::spawn_redis(RedisOptions::default()).map_err(e)?)
-            }
-            BackendKind::Etcd => Servers::Single(
+            )),
+            BackendKind::RedisVolatile => Servers::Single(Box::new(
+                latchkey_testkit::spawn_redis(RedisOptions::default()).map_err(e)?,
+            )),
+            BackendKind::Etcd => Servers::Single(Box::new(
                 latchkey_testkit::spawn_etcd(EtcdOptions::default().fast()).map_err(e)?,
-            ),
+            )),
             BackendKind::Etcd3 => Servers::Cluster(
                 latchkey_testkit::spawn_etcd_cluster(3, EtcdOptions::default()).map_err(e)?,
             ),
-            BackendKind::Zookeeper | BackendKind::ZookeeperSeq => Servers::Single(
+            BackendKind::Zookeeper | BackendKind::ZookeeperSeq => Servers::Single(Box::new(
                 latchkey_testkit::spawn_zookeeper(ZookeeperOptions::fast()).map_err(e)?,
-            ),
+            )),
             BackendKind::Zookeeper3 => Servers::Cluster(
                 latchkey_testkit::spawn_zookeeper_ensemble(3, ZookeeperOptions::fast())
                     .map_err(e)?,

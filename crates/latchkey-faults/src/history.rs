@@ -302,3 +302,152 @@ pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Durat
     }
     f
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latchkey_conformance::checkers::{KvInput, KvOutput, Operation};
+
+    fn attempt(
+        client: usize,
+        token: u64,
+        acquired: u64,
+        value: u64,
+        o: WriteOutcome,
+    ) -> CounterAttempt {
+        CounterAttempt {
+            client,
+            token,
+            acquired,
+            value,
+            write_call: acquired + 5,
+            outcome: o,
+        }
+    }
+
+    const STRICT: Promises = Promises {
+        linearizable_reads: true,
+        durable: true,
+        restarted: false,
+    };
+
+    fn serial(n: u64) -> History {
+        let mut h = History::default();
+        for i in 0..n {
+            h.counter
+                .push(attempt(0, i + 1, i * 100, i + 1, WriteOutcome::Committed));
+        }
+        h
+    }
+
+    #[test]
+    fn a_serial_history_with_the_exact_count_passes() {
+        let f = check(&serial(5), Some(5), STRICT, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        assert_eq!(f.lost_updates, 0);
+    }
+
+    #[test]
+    fn a_missing_acknowledged_increment_is_a_lost_update() {
+        let f = check(&serial(5), Some(4), STRICT, Duration::from_secs(5));
+        assert_eq!(f.lost_updates, 1);
+        assert!(f.violations.iter().any(|v| v.contains("lost updates")));
+    }
+
+    #[test]
+    fn rejected_and_unknown_writes_are_no_lost_updates() {
+        let mut h = serial(3);
+        h.counter
+            .push(attempt(1, 10, 1000, 3, WriteOutcome::Rejected));
+        h.counter
+            .push(attempt(1, 11, 1100, 4, WriteOutcome::Indeterminate));
+        for fin in [3, 4] {
+            let f = check(&h, Some(fin), STRICT, Duration::from_secs(5));
+            assert!(f.violations.is_empty(), "{fin}: {:?}", f.violations);
+        }
+        let f = check(&h, Some(5), STRICT, Duration::from_secs(5));
+        assert!(
+            f.violations.iter().any(|v| v.contains("phantom")),
+            "{:?}",
+            f.violations
+        );
+    }
+
+    #[test]
+    fn overlapping_committed_holdings_violate_exclusion() {
+        let mut h = History::default();
+        // Client 0 acquires at 0 and writes at 500; client 1 acquired at 100.
+        h.counter.push(CounterAttempt {
+            write_call: 500,
+            ..attempt(0, 1, 0, 1, WriteOutcome::Committed)
+        });
+        h.counter
+            .push(attempt(1, 2, 100, 2, WriteOutcome::Committed));
+        let f = check(&h, Some(2), STRICT, Duration::from_secs(5));
+        assert!(
+            f.violations.iter().any(|v| v.contains("exclusion")),
+            "{:?}",
+            f.violations
+        );
+    }
+
+    #[test]
+    fn losses_after_a_restart_of_a_non_durable_store_are_labelled_not_hidden() {
+        let p = Promises {
+            durable: false,
+            restarted: true,
+            ..STRICT
+        };
+        let f = check(&serial(5), Some(2), p, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        assert_eq!(f.lost_updates, 3);
+        assert!(f.allowed.iter().any(|a| a.starts_with("non-durable")));
+    }
+
+    #[test]
+    fn a_stale_read_is_a_violation_or_a_weak_read_anomaly_by_read_mode() {
+        let mut h = serial(1);
+        let v = bytes::Bytes::from_static(b"x");
+        h.kv.push(KvOperation {
+            key: "k".into(),
+            op: Operation::completed(
+                0,
+                KvInput::Put { value: v.clone() },
+                0,
+                KvOutput::Written(5),
+                10,
+            ),
+        });
+        h.kv.push(KvOperation {
+            key: "k".into(),
+            op: Operation::completed(1, KvInput::Get, 20, KvOutput::Got(None), 30),
+        });
+        let f = check(&h, Some(1), STRICT, Duration::from_secs(5));
+        assert!(
+            f.violations.iter().any(|v| v.contains("kv register")),
+            "{:?}",
+            f.violations
+        );
+        let weak = Promises {
+            linearizable_reads: false,
+            ..STRICT
+        };
+        let f = check(&h, Some(1), weak, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        assert!(f.allowed.iter().any(|a| a.starts_with("weak-read")));
+    }
+
+    #[test]
+    fn a_stale_holder_whose_write_committed_or_whose_lost_stayed_silent_fails() {
+        let mut h = serial(1);
+        h.stale.push(StaleHolder {
+            how: "holder SIGSTOP",
+            other_acquired: true,
+            outcome: WriteOutcome::Committed,
+            error: String::new(),
+            lost_fired: false,
+        });
+        let f = check(&h, Some(1), STRICT, Duration::from_secs(5));
+        assert_eq!(f.violations.len(), 2, "{:?}", f.violations);
+    }
+}

@@ -1,0 +1,100 @@
+//! The fault runs with a small K, on real Redis and etcd, plus the self-test:
+//! with fencing disabled the checkers must report violations.
+
+use latchkey_faults::{BackendKind, RunOptions, Scenario};
+use std::sync::Mutex;
+
+/// The runs time leases on a 2-core machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn opts(backends: &[BackendKind], scenarios: &[Scenario], runs: u32, unfenced: bool) -> RunOptions {
+    RunOptions {
+        backends: backends.to_vec(),
+        scenarios: scenarios.to_vec(),
+        runs,
+        seed: 20_261_126,
+        quick: true,
+        unfenced,
+        holder_exe: env!("CARGO_BIN_EXE_latchkey-faults").into(),
+        verbose: true,
+    }
+}
+
+#[test]
+fn fenced_counter_and_register_survive_holder_pause_and_server_kill() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let report = latchkey_faults::run(&opts(
+        &[BackendKind::Redis, BackendKind::Etcd],
+        &[Scenario::HolderPause, Scenario::KillRestart],
+        2,
+        false,
+    ));
+    let table = report.table();
+    println!("{table}");
+    assert_eq!(report.rows.len(), 4, "{table}");
+    for r in &report.rows {
+        assert!(r.skipped.is_none(), "{table}");
+        assert_eq!(r.runs, 2, "{table}");
+        assert!(r.ops > 100, "too few ops recorded:\n{table}");
+    }
+    assert_eq!(report.violations(), 0, "{table}");
+    assert_eq!(
+        report.rows.iter().map(|r| r.lost_updates).sum::<u64>(),
+        0,
+        "{table}"
+    );
+}
+
+#[test]
+fn without_fencing_the_checkers_report_the_stale_holders_write() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let report = latchkey_faults::run(&opts(
+        &[BackendKind::Redis],
+        &[Scenario::HolderPause],
+        1,
+        true,
+    ));
+    let table = report.table();
+    println!("{table}");
+    let row = &report.rows[0];
+    assert!(row.violations >= 3, "{table}");
+    assert!(row.lost_updates >= 1, "{table}");
+    let details = row.details.join("\n");
+    for needle in [
+        "exclusion violated",
+        "lost updates",
+        "stale holder's write committed",
+    ] {
+        assert!(details.contains(needle), "no {needle:?} in:\n{table}");
+    }
+}
+
+#[test]
+fn pairs_a_backend_cannot_express_are_skipped_with_a_reason() {
+    // No server starts: nothing applies.
+    let report = latchkey_faults::run(&opts(
+        &[BackendKind::Redis, BackendKind::ConsulSim],
+        &[Scenario::RollingRestart, Scenario::MemberPartition],
+        1,
+        false,
+    ));
+    let table = report.table();
+    assert_eq!(report.rows.len(), 4, "{table}");
+    for r in &report.rows {
+        let why = r.skipped.as_deref().unwrap_or_default();
+        assert!(!why.is_empty(), "{table}");
+        assert_eq!(r.runs, 0, "{table}");
+    }
+    assert!(table.contains("skipped: single node"), "{table}");
+    assert_eq!(report.violations(), 0);
+    let why = Scenario::MemberPartition
+        .applies(BackendKind::Etcd3)
+        .unwrap_err();
+    assert!(why.starts_with("not yet implemented"), "{why}");
+    assert!(Scenario::RollingRestart
+        .applies(BackendKind::Zookeeper3)
+        .is_ok());
+    assert!(Scenario::ServerPause
+        .applies(BackendKind::ConsulSim)
+        .is_err());
+}
