@@ -368,3 +368,84 @@ pub(crate) fn ttl_secs(ttl: Duration) -> u64 {
     let s = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
     s.max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, msg: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg))
+    }
+
+    #[test]
+    fn faults_are_classified() {
+        let cases = [
+            (
+                status(Code::InvalidArgument, "etcdserver: user name is empty"),
+                Fault::Auth,
+            ),
+            (
+                status(
+                    Code::InvalidArgument,
+                    "etcdserver: authentication failed, invalid user ID or password",
+                ),
+                Fault::Auth,
+            ),
+            (
+                status(Code::PermissionDenied, "etcdserver: permission denied"),
+                Fault::Auth,
+            ),
+            (
+                status(
+                    Code::Unavailable,
+                    "error trying to connect: tcp connect error: Connection refused (os error 111)",
+                ),
+                Fault::NotSent,
+            ),
+            (
+                status(Code::Unavailable, "etcdserver: no leader"),
+                Fault::NotSent,
+            ),
+            (
+                status(Code::Unavailable, "etcdserver: leader changed"),
+                Fault::Ambiguous,
+            ),
+            (status(Code::Cancelled, "Timeout expired"), Fault::Ambiguous),
+            (
+                status(
+                    Code::OutOfRange,
+                    "etcdserver: mvcc: required revision has been compacted",
+                ),
+                Fault::Compacted,
+            ),
+            (
+                status(
+                    Code::InvalidArgument,
+                    "etcdserver: duplicate key given in txn request",
+                ),
+                Fault::Invalid,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(classify(&e), want, "{e}");
+        }
+        assert!(matches!(
+            map_write(
+                status(Code::Unavailable, "etcdserver: request timed out"),
+                "put"
+            ),
+            Error::Indeterminate { .. }
+        ));
+        assert!(matches!(
+            map_read(status(Code::Unavailable, "etcdserver: request timed out")),
+            Error::Unavailable { .. }
+        ));
+    }
+
+    #[test]
+    fn ttls_round_up_to_whole_seconds() {
+        assert_eq!(ttl_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(2001)), 3);
+    }
+}

@@ -759,3 +759,62 @@ async fn ttl_keys_share_a_lease_and_never_expire_early() {
     let lc = lease(raw.get(format!("latchkey@{ns}/kv/c"), None).await.unwrap());
     assert_ne!(lc, la);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_is_not_delayed_by_the_watch_catch_up_tick() {
+    // A waiter watches from its read's header revision + 1, so a release
+    // reaches it at once; a watch from an older revision would wait for the
+    // server's 100 ms catch-up tick (Go's Mutex: ~38 ms median).
+    let server = latchkey_testkit::etcd();
+    let ns = latchkey_testkit::unique_namespace("handoff");
+    let (a, b) = (
+        open(server.url(), &ns).await,
+        Arc::new(open(server.url(), &ns).await),
+    );
+    let mut raw =
+        etcd_client::Client::connect([server.url().replacen("etcd://", "http://", 1)], None)
+            .await
+            .unwrap();
+    let dir = format!("latchkey@{ns}/lock/x/");
+    let opts = LockOptions::ttl(Duration::from_secs(10));
+    let mut handoffs = Vec::new();
+    for _ in 0..15 {
+        let g = a.lock("x", opts.clone()).await.unwrap();
+        let (b2, o2) = (b.clone(), opts.clone());
+        let waiting = tokio::spawn(async move {
+            let g = b2.lock("x", o2).await.unwrap();
+            (Instant::now(), g)
+        });
+        // Release once the waiter has queued (its entry exists; its watch
+        // follows in the same call).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while raw
+            .get(
+                dir.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await
+            .unwrap()
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "the waiter never queued");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Give its watch creation a moment to reach the server too.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let released = Instant::now();
+        g.release().await.unwrap();
+        let (got, g2) = waiting.await.unwrap();
+        handoffs.push(got.saturating_duration_since(released));
+        g2.release().await.unwrap();
+    }
+    handoffs.sort();
+    let p50 = handoffs[handoffs.len() / 2];
+    eprintln!("handoffs: {handoffs:?}");
+    assert!(p50 < Duration::from_millis(30), "median handoff {p50:?}");
+}
