@@ -10,17 +10,22 @@
 //!
 //! # Key encoding `E`
 //! Consul keys travel in URL paths (`/v1/kv/<key>`), where Go's HTTP
-//! server cleans `//`, `/./` and `/../`. `E` keeps a key readable and
-//! path-safe: every character is itself except
-//! - `~` → `~7E` (the escape character),
-//! - `/` at the start or right after another `/` → `~2F` (no empty segment),
-//! - `.` at the start of a segment → `~2E` (no `.` or `..` segment).
+//! server cleans `//`, `/./` and `/../`, and Consul 1.21.5+ validates KV
+//! keys on that endpoint (hashicorp/consul PR #22682: only ASCII letters,
+//! digits and `,-_./`, no `../`, no file-like extension such as `.json` at
+//! the end). `E` keeps a key readable and acceptable to all of these:
+//! letters, digits, `-` and `_` are themselves, and
+//! - `/` is itself, except at the start or right after another `/`
+//!   (no empty segment), where it is `,2F`;
+//! - every other byte (`.`, `,`, space, `~`, `%`, non-ASCII UTF-8 bytes, …)
+//!   is `,XX` (upper-case hex), so there is no `.`/`..` segment and no
+//!   extension.
 //!
 //! The encoding of a character depends only on the character before it, so
 //! `E(p)` is a prefix of `E(k)` whenever `p` is a prefix of `k`: a listing of
 //! any string prefix is one `?recurse` query on `E(prefix)`. The codes form a
-//! prefix-free set, so decoding is unique ([`decode`] ∘ [`encode`] = id).
-//! Results are sorted again after decoding (`~` sorts differently).
+//! prefix-free set (`,` is never literal), so decoding is unique
+//! ([`decode`] ∘ [`encode`] = id). Results are sorted again after decoding.
 //!
 //! Namespaces (`N`) escape every `/` as well, so a namespace is always one
 //! segment and `ns=a` can never see into `ns=a/kv/b`.
@@ -30,8 +35,12 @@ use std::fmt::Write as _;
 fn escape(out: &mut String, c: char) {
     let mut buf = [0u8; 4];
     for b in c.encode_utf8(&mut buf).bytes() {
-        let _ = write!(out, "~{b:02X}");
+        let _ = write!(out, ",{b:02X}");
     }
+}
+
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
 }
 
 /// Encodes a key or lock name (see the module docs).
@@ -41,10 +50,9 @@ pub fn encode(key: &str) -> String {
     for c in key.chars() {
         let seg_start = prev.is_none() || prev == Some('/');
         match c {
-            '~' => escape(&mut out, c),
-            '/' if seg_start => escape(&mut out, c),
-            '.' if seg_start => escape(&mut out, c),
-            _ => out.push(c),
+            '/' if !seg_start => out.push(c),
+            c if plain(c) => out.push(c),
+            _ => escape(&mut out, c),
         }
         prev = Some(c);
     }
@@ -57,7 +65,7 @@ pub fn decode(enc: &str) -> Option<String> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'~' {
+        if bytes[i] == b',' {
             let hex = enc.get(i + 1..i + 3)?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
@@ -76,10 +84,10 @@ pub fn namespace_base(ns: &str) -> String {
     }
     let mut out = String::from("latchkey/ns/");
     for c in ns.chars() {
-        match c {
-            '~' | '/' => escape(&mut out, c),
-            '.' if out.ends_with('/') => escape(&mut out, c),
-            _ => out.push(c),
+        if plain(c) {
+            out.push(c);
+        } else {
+            escape(&mut out, c);
         }
     }
     out.push('/');
@@ -94,6 +102,7 @@ pub fn url_path(key: &str) -> String {
         .remove(b'_')
         .remove(b'.')
         .remove(b'~')
+        .remove(b',')
         .remove(b'/');
     percent_encoding::utf8_percent_encode(key, SET).to_string()
 }
@@ -128,15 +137,21 @@ mod tests {
             let e = encode(k);
             assert_eq!(decode(&e).as_deref(), Some(k), "{k:?} -> {e:?}");
             assert!(!e.starts_with('/') && !e.contains("//"), "{e:?}");
-            for seg in e.split('/') {
-                assert!(seg != "." && seg != "..", "{k:?} -> {e:?}");
-            }
+            // Consul 1.21.5+'s KV key rules: ASCII letters, digits, ,-_./
+            // and no dots at all here (no `..`, no extension).
+            assert!(
+                e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ",-_/".contains(c)),
+                "{k:?} -> {e:?}"
+            );
         }
     }
 
     #[test]
     fn prefixes_are_preserved() {
-        let keys = ["app", "app/", "app//x", "apple", "app/.", "a", "ap~"];
+        let keys = [
+            "app", "app/", "app//x", "apple", "app/.", "a", "ap~", "ap,", "a.b",
+        ];
         for k in keys {
             for p in keys {
                 assert_eq!(
@@ -151,8 +166,10 @@ mod tests {
     #[test]
     fn namespaces_are_one_segment() {
         assert_eq!(namespace_base(""), "latchkey/default/");
-        assert_eq!(namespace_base("a/kv/b"), "latchkey/ns/a~2Fkv~2Fb/");
-        assert_eq!(namespace_base(".."), "latchkey/ns/~2E./");
-        assert_eq!(url_path("a b/ü?"), "a%20b/%C3%BC%3F");
+        assert_eq!(namespace_base("a/kv/b"), "latchkey/ns/a,2Fkv,2Fb/");
+        assert_eq!(namespace_base(".."), "latchkey/ns/,2E,2E/");
+        assert_eq!(encode("jobs/nightly"), "jobs/nightly");
+        assert_eq!(encode("/a//b.json"), ",2Fa/,2Fb,2Ejson");
+        assert_eq!(url_path("a,b/c"), "a,b/c");
     }
 }

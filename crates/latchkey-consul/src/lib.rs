@@ -36,7 +36,8 @@
 //! | lock `x` (`api.Lock` layout, flags `0x2ddccbc058a50c18`) | `latchkey/…/locks/<E(x)>` |
 //! | index marker of delete-only txns | `latchkey/…/rev` |
 //!
-//! `E` keeps keys readable and URL-path-safe (see [`keys`]): the lock named
+//! `E` keeps keys readable, URL-path-safe and within the KV key rules of
+//! Consul 1.21.5+ (letters, digits, `,-_./`; see [`keys`]): the lock named
 //! `jobs/nightly` with no namespace is the Consul key
 //! `latchkey/default/locks/jobs/nightly`, which a Go program locks with
 //! `client.LockKey("latchkey/default/locks/jobs/nightly")` (or `consul lock`
