@@ -14,7 +14,15 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 /// Per-name local queues of one handle.
 #[derive(Default, Debug)]
 pub struct LocalQueues {
-    names: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    names: Mutex<Names>,
+}
+
+#[derive(Default, Debug)]
+struct Names {
+    map: HashMap<String, Arc<AsyncMutex<()>>>,
+    /// Size after the last prune; pruning again only once the map doubled
+    /// keeps the cost per call amortised O(1) with many live names.
+    pruned_at: usize,
 }
 
 /// The head-of-queue position for one name; dropping it lets the next local
@@ -34,8 +42,11 @@ impl LocalQueues {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         // Forget names nobody holds or waits for, so the map does not grow
         // with every name ever locked.
-        names.retain(|_, m| Arc::strong_count(m) > 1);
-        names.entry(name.to_string()).or_default().clone()
+        if names.map.len() >= 2 * names.pruned_at.max(16) {
+            names.map.retain(|_, m| Arc::strong_count(m) > 1);
+            names.pruned_at = names.map.len();
+        }
+        names.map.entry(name.to_string()).or_default().clone()
     }
 
     /// Waits (FIFO) until this task is the head for `name`. Cancel-safe.

@@ -69,6 +69,10 @@ struct Member {
 struct Inner {
     ttl: Duration,
     members: Mutex<HashMap<String, Member>>,
+    /// The earliest deadline the loop is sleeping towards; an `add` with a
+    /// later deadline need not wake it (so adding n locks costs O(n), not
+    /// O(n²) deadline scans).
+    next_wake: Mutex<Option<Instant>>,
     dead: AtomicBool,
     changed: Notify,
 }
@@ -93,6 +97,7 @@ impl RenewalGroup {
         let inner = Arc::new(Inner {
             ttl,
             members: Mutex::new(HashMap::new()),
+            next_wake: Mutex::new(None),
             dead: AtomicBool::new(false),
             changed: Notify::new(),
         });
@@ -113,16 +118,24 @@ impl RenewalGroup {
             trigger.fire();
             return trigger;
         }
+        let deadline = acquired_sent_at + self.inner.ttl;
         self.inner.members().insert(
             entry.id.clone(),
             Member {
                 entry,
                 trigger: trigger.clone(),
-                deadline: acquired_sent_at + self.inner.ttl,
+                deadline,
                 renewing: true,
             },
         );
-        self.inner.changed.notify_one();
+        let wake = *self
+            .inner
+            .next_wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if wake.is_none_or(|w| deadline < w) {
+            self.inner.changed.notify_one();
+        }
         trigger
     }
 
@@ -144,6 +157,16 @@ impl RenewalGroup {
         if let Some(m) = self.inner.members().remove(id) {
             m.trigger.fire();
         }
+    }
+
+    /// Fires `lost()` of every member now and marks the group dead (the
+    /// session or lease was seen to expire: no need to wait for a check).
+    pub fn lose_all(&self) {
+        self.inner.dead.store(true, Ordering::SeqCst);
+        for (_, m) in self.inner.members().drain() {
+            m.trigger.fire();
+        }
+        self.inner.changed.notify_one();
     }
 
     /// True once the lease is lost; the adapter must start a new group
@@ -200,6 +223,7 @@ async fn run(weak: Weak<Inner>, renewer: Arc<dyn Renewer>) {
             }
             let earliest = expire_due(&inner, Instant::now());
             let wake = earliest.map_or(next_tick, |d| d.min(next_tick));
+            *inner.next_wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake);
             // Holding `inner` while asleep is fine: dropping the group
             // notifies, and the next upgrade then fails.
             tokio::select! {
@@ -352,5 +376,23 @@ mod tests {
         b.wait().await;
         assert!(g.is_dead());
         assert!(g.add(entry("c"), Instant::now()).is_fired());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lose_all_fires_at_once_and_many_adds_stay_cheap() {
+        let r = Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            fail_after: usize::MAX,
+        });
+        let g = RenewalGroup::spawn(Duration::from_secs(3), r);
+        let signals: Vec<_> = (0..10_000)
+            .map(|i| g.add(entry(&i.to_string()), Instant::now()).signal())
+            .collect();
+        assert_eq!(g.len(), 10_000);
+        g.lose_all();
+        for s in &signals {
+            assert!(s.is_lost());
+        }
+        assert!(g.is_dead() && g.is_empty());
     }
 }

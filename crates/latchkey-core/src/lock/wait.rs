@@ -28,23 +28,32 @@ pub async fn with_wait<T>(
 /// arm it after creating a waiter entry and disarm it once the entry became a
 /// held lock, so a cancelled `lock()` leaves no orphan entry.
 pub struct CancelOnDrop {
-    cleanup: Option<BoxFuture<'static, ()>>,
+    // A Mutex makes the guard `Sync`, so a `Send` future may hold it
+    // across an `.await` while borrowing it.
+    cleanup: std::sync::Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
 impl CancelOnDrop {
     /// Arms `cleanup`.
     pub fn new(cleanup: impl Future<Output = ()> + Send + 'static) -> Self {
         CancelOnDrop {
-            cleanup: Some(Box::pin(cleanup)),
+            cleanup: std::sync::Mutex::new(Some(Box::pin(cleanup))),
         }
     }
     /// Drops the cleanup without running it.
-    pub fn disarm(mut self) {
-        self.cleanup = None;
+    pub fn disarm(self) {
+        self.take();
+    }
+    fn take(&self) -> Option<BoxFuture<'static, ()>> {
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
     /// Runs the cleanup now and waits for it.
-    pub async fn run_now(mut self) {
-        if let Some(c) = self.cleanup.take() {
+    pub async fn run_now(self) {
+        let cleanup = self.take();
+        if let Some(c) = cleanup {
             c.await;
         }
     }
@@ -52,7 +61,7 @@ impl CancelOnDrop {
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(c) = self.cleanup.take() {
+        if let Some(c) = self.take() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(c);
             } else {
