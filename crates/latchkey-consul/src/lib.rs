@@ -55,6 +55,11 @@
 //! - **Transactions** read what they compare, decide locally and commit the
 //!   chosen branch in one `/v1/txn` that pins what was read, retrying when a
 //!   pin fails — atomic, isolated, never split (see the `backend` module).
+//!   When every compare has a native check (`held`, `revision =`, `absent`)
+//!   and `then` only puts, the first attempt is checks + writes in one
+//!   request (a fenced write is one round trip).
+//! - **Cost**: a put is one request; a put with a TTL two (a session, then
+//!   the txn); a general txn two (read, commit).
 //! - **TTL keys** are held by a session with `Behavior=delete` created for
 //!   the put; Consul deletes the key between TTL and 2×TTL later. TTLs are
 //!   whole seconds, at least 10 s (`min_ttl`), at most 24 h.
