@@ -42,7 +42,7 @@
 //! ## Semantics
 //!
 //! - **Revisions** are etcd's `mod_revision`: global, never reused.
-//!   `if_revision` / `if_absent` / conditional deletes / [`Txn`](latchkey_core::Txn)
+//!   `if_revision` / `if_absent` / conditional deletes / [`Txn`]
 //!   are native etcd transactions (`mod_revision == r`, `create_revision == 0`
 //!   for absent, native value compares). `Compare::held(guard)` is
 //!   `create_revision(entry) == token`.
@@ -81,10 +81,18 @@
 //! - a waiter watches only the deletion of the entry just before its own,
 //!   from the header revision of its read + 1 (etcd's Go Mutex watches from
 //!   an older revision and waits for the server's 100 ms catch-up tick);
-//! - a cancelled or timed-out wait deletes its entry;
+//! - a cancelled or timed-out wait deletes its entry; a waiter whose entry
+//!   vanished while it waited (its lease expired in a partition, an operator
+//!   deleted it) queues again, with a fresh lease if needed;
 //! - `lost()` fires when the keep-alive has not succeeded for a TTL
-//!   (measured from when the last good one was sent), when the server says
-//!   the lease is gone, or when the entry vanished from the lease's keys.
+//!   (measured from when the last good one was *sent*), when the server says
+//!   the lease is gone (keep-alive TTL 0), or — checked each renewal tick,
+//!   every TTL / 3, by one `LeaseTimeToLive` listing the lease's keys — when
+//!   the entry was deleted behind the holder's back;
+//! - `abandon()` (a simulated crash) moves the entry to a lease of its own
+//!   that nobody renews (a put keeps the create revision, i.e. the token),
+//!   since the handle's shared lease stays alive; later locks of that handle
+//!   use a new lease.
 //!
 //! Lease TTLs are whole seconds and etcd raises short ones to its minimum
 //! (≈ 1.5 × the election timeout: 2 s with default settings); the adapter
