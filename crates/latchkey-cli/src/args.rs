@@ -38,6 +38,11 @@ pub enum Command {
     /// its status. If the lock is lost, the command gets SIGTERM, then SIGKILL
     /// after the grace period, and latchkey exits with 75.
     Lock(LockArgs),
+    /// Run a command only while this process leads an election.
+    ///
+    /// The command gets LATCHKEY_LEADER_TERM (a fencing token) in its
+    /// environment; if leadership is lost it is terminated as with `lock`.
+    Elect(ElectArgs),
     /// Read and write keys.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -59,6 +64,24 @@ pub struct LockArgs {
     #[arg(long, value_parser = duration)]
     pub wait: Option<Duration>,
     /// Time between SIGTERM and SIGKILL when the lock is lost.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub grace: Duration,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ElectArgs {
+    /// The election's name.
+    pub name: String,
+    /// Leadership lease TTL.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub ttl: Duration,
+    /// The value to proclaim while leading (default: this process's pid).
+    #[arg(long)]
+    pub value: Option<String>,
+    /// Time between SIGTERM and SIGKILL when leadership is lost.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub grace: Duration,
     /// The command and its arguments.
@@ -106,8 +129,12 @@ pub enum KvCommand {
         #[arg(default_value = "")]
         prefix: String,
         /// Replay from this revision (where the backend keeps history).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "mirror")]
         from: Option<u64>,
+        /// Print the whole mirrored map (a replicated map of the prefix) at
+        /// every change instead of single events.
+        #[arg(long)]
+        mirror: bool,
     },
 }
 

@@ -132,7 +132,34 @@ pub async fn run(cli: &Cli, cmd: &KvCommand) -> Res {
             }
             Ok(ExitCode::SUCCESS)
         }
-        KvCommand::Watch { prefix, from } => {
+        KvCommand::Watch {
+            prefix,
+            mirror: true,
+            ..
+        } => {
+            let m =
+                latchkey::recipes::Mirror::start(coord.backend().clone(), prefix.clone()).await?;
+            let mut rx = m.subscribe();
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if cli.json {
+                    let entries: Vec<_> = snap.iter().map(kv_json).collect();
+                    println!(
+                        "{}",
+                        json!({"revision": snap.revision(), "entries": entries})
+                    );
+                } else {
+                    println!("--- revision {} ({} keys)", snap.revision(), snap.len());
+                    for kv in snap.iter() {
+                        println!("{}\t{}", kv.key, String::from_utf8_lossy(&kv.value));
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        KvCommand::Watch { prefix, from, .. } => {
             let mut events = coord.watch(prefix, *from).await?;
             while let Some(ev) = events.next().await {
                 let ev = ev?;

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`args`] | the command line (clap) |
 //! | [`run_locked`] | `latchkey lock NAME -- CMD…` |
+//! | [`elect`] | `latchkey elect NAME -- CMD…` |
 //! | [`kv`] | `latchkey kv get|put|del|ls|watch` |
 //! | [`check`] | `latchkey check`: the non-destructive conformance cases against a live deployment |
 //! | [`bench`] | `latchkey bench --workload W1|W2|W3` |
@@ -13,6 +14,7 @@
 mod args;
 mod bench;
 mod check;
+mod elect;
 mod exit;
 mod kv;
 mod run_locked;
@@ -25,6 +27,7 @@ async fn main() -> ExitCode {
     let cli = args::Cli::parse();
     let result = match &cli.command {
         args::Command::Lock(a) => run_locked::run(&cli, a).await,
+        args::Command::Elect(a) => elect::run(&cli, a).await,
         args::Command::Kv(a) => kv::run(&cli, a).await,
         args::Command::Bench(a) => bench::run(&cli, a).await,
         args::Command::Check => check::run(&cli).await,

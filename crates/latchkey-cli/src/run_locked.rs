@@ -52,42 +52,52 @@ pub async fn run(cli: &Cli, a: &LockArgs) -> Res {
         }
     };
     let token = guard.fencing_token();
-    let mut child = match Command::new(&a.command[0])
-        .args(&a.command[1..])
-        .env("LATCHKEY_FENCING_TOKEN", token.to_string())
-        .env("LATCHKEY_LOCK_NAME", &a.name)
+    let env = [
+        ("LATCHKEY_FENCING_TOKEN", token.to_string()),
+        ("LATCHKEY_LOCK_NAME", a.name.clone()),
+    ];
+    let what = format!("lock {:?} (token {token})", a.name);
+    let code = supervise(&a.command, &env, guard.lost(), a.grace, &what).await?;
+    guard.release().await?;
+    Ok(code)
+}
+
+/// Runs `command` with `env` until it exits (its status is returned) or
+/// `lost` completes (SIGTERM, SIGKILL after `grace`, exit 75). Our own
+/// SIGTERM/SIGINT are passed on to the command. Shared by `lock` and `elect`.
+pub async fn supervise(
+    command: &[String],
+    env: &[(&str, String)],
+    lost: impl std::future::Future<Output = ()>,
+    grace: std::time::Duration,
+    what: &str,
+) -> Res {
+    let mut child = match Command::new(&command[0])
+        .args(&command[1..])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .spawn()
     {
         Ok(c) => c,
         Err(e) => {
-            guard.release().await?;
-            eprintln!("latchkey: cannot run {:?}: {e}", a.command[0]);
+            eprintln!("latchkey: cannot run {:?}: {e}", command[0]);
             return Ok(ExitCode::from(exit::CANNOT_RUN));
         }
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let lost = guard.lost();
     tokio::pin!(lost);
     loop {
         tokio::select! {
-            status = child.wait() => {
-                let status = status?;
-                guard.release().await?;
-                return Ok(status_code(status));
-            }
+            status = child.wait() => return Ok(status_code(status?)),
             _ = &mut lost => {
-                eprintln!(
-                    "latchkey: lock {:?} (token {token}) was lost; terminating the command",
-                    a.name
-                );
+                eprintln!("latchkey: {what} was lost; terminating the command");
                 send_signal(&child, libc::SIGTERM);
-                if tokio::time::timeout(a.grace, child.wait()).await.is_err() {
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     child.kill().await?;
                 }
                 return Ok(ExitCode::from(exit::LOCK_LOST));
             }
-            // Pass our own termination on to the command; release when it exits.
+            // Pass our own termination on to the command.
             _ = term.recv() => send_signal(&child, libc::SIGTERM),
             _ = int.recv() => send_signal(&child, libc::SIGINT),
         }

@@ -96,3 +96,29 @@ fn check_passes_on_mem() {
         "{stdout}"
     );
 }
+
+#[test]
+fn elect_runs_the_command_with_a_term() {
+    let out = latchkey()
+        .args([
+            "--url",
+            "mem://",
+            "elect",
+            "leaders",
+            "--",
+            "sh",
+            "-c",
+            "echo term=$LATCHKEY_LEADER_TERM; exit 3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let term: u64 = stdout
+        .trim()
+        .strip_prefix("term=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(term > 0);
+}
