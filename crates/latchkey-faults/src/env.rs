@@ -1,10 +1,12 @@
 //! The servers a run talks to, the fault proxies in front of them, and the URLs.
 
+use latchkey_testkit::ChildProcess;
 use latchkey_testkit::{
-    Cluster, ConsulTarget, EtcdOptions, FaultProxy, ProxyMode, RedisOptions, Server,
-    ZookeeperOptions,
+    Cluster, EtcdOptions, FaultProxy, ProxyMode, RedisOptions, Server, ZookeeperOptions,
 };
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// A backend configuration the runs cover.
@@ -128,8 +130,14 @@ pub enum Servers {
     Single(Box<Server>),
     /// Several members with fault hooks.
     Cluster(Cluster),
-    /// The in-process Consul simulator (no process to signal).
-    Consul(ConsulTarget),
+    /// The Consul simulator in a child process of its own (`latchkey-faults
+    /// consul-sim`), so it can be paused; its state lives in memory only.
+    Consul {
+        /// The simulator process.
+        child: Mutex<ChildProcess>,
+        /// Where it serves.
+        addr: SocketAddr,
+    },
 }
 
 /// Servers plus what is needed to reach them.
@@ -141,8 +149,9 @@ pub struct Env {
 }
 
 impl Env {
-    /// Starts the servers of `kind` (private instances: the runs kill and pause them).
-    pub fn start(kind: BackendKind) -> Result<Env, String> {
+    /// Starts the servers of `kind` (private instances: the runs kill and pause
+    /// them). `exe` is this crate's binary (it serves the Consul simulator).
+    pub fn start(kind: BackendKind, exe: &Path) -> Result<Env, String> {
         let e = |e: latchkey_testkit::Error| e.to_string();
         let servers = match kind {
             BackendKind::Redis => Servers::Single(Box::new(
@@ -172,7 +181,21 @@ impl Env {
                     .map_err(e)?,
             ),
             BackendKind::ConsulSim => {
-                Servers::Consul(latchkey_testkit::spawn_consul_sim().map_err(e)?)
+                let mut cmd = std::process::Command::new(exe);
+                cmd.arg("consul-sim");
+                let child = ChildProcess::spawn(cmd)
+                    .map_err(|e| format!("Consul simulator process: {e}"))?;
+                let line = child
+                    .recv(Duration::from_secs(20))
+                    .map_err(|e| format!("Consul simulator process: {e}"))?;
+                let addr = line
+                    .strip_prefix("addr ")
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| format!("Consul simulator process said {line:?}"))?;
+                Servers::Consul {
+                    child: Mutex::new(child),
+                    addr,
+                }
             }
         };
         Ok(Env { kind, servers })
@@ -183,7 +206,7 @@ impl Env {
         match &self.servers {
             Servers::Single(s) => s.addr().into_iter().collect(),
             Servers::Cluster(c) => c.members().iter().filter_map(|m| m.addr()).collect(),
-            Servers::Consul(c) => c.addr().into_iter().collect(),
+            Servers::Consul { addr, .. } => vec![*addr],
         }
     }
 
@@ -208,7 +231,7 @@ impl Env {
                 let _ = c.wait_ready();
                 let _ = c.leader();
             }
-            Servers::Consul(_) => {}
+            Servers::Consul { .. } => {}
         }
     }
 }

@@ -183,7 +183,7 @@ pub fn run(opts: &RunOptions) -> Report {
             if opts.verbose {
                 eprintln!("[faults] starting {}", b.label());
             }
-            Some(Env::start(b))
+            Some(Env::start(b, &opts.holder_exe))
         } else {
             None
         };

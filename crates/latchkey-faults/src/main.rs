@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     if args.first().map(String::as_str) == Some("holder") {
         return holder(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("consul-sim") {
+        return consul_sim();
+    }
     let mut backends = Vec::new();
     let mut scenarios = Vec::new();
     let mut runs = 1u32;
@@ -161,4 +164,27 @@ fn holder(args: &[String]) -> ExitCode {
         url,
         latchkey_faults::workload::RunCfg::new(ttl, unfenced),
     )
+}
+
+/// `latchkey-faults consul-sim`: serves the Consul simulator from this process
+/// (so the runs can SIGSTOP it) until stdin closes; prints `addr <ip:port>`.
+fn consul_sim() -> ExitCode {
+    let sim = match latchkey_consul_sim::ConsulSim::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("consul-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("addr {}", sim.addr());
+    let mut sink = String::new();
+    while std::io::stdin()
+        .read_line(&mut sink)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        sink.clear();
+    }
+    drop(sim);
+    ExitCode::SUCCESS
 }

@@ -70,12 +70,10 @@ impl Scenario {
     pub fn applies(self, b: BackendKind) -> Result<(), &'static str> {
         let consul = b == BackendKind::ConsulSim;
         match self {
-            Scenario::ServerPause | Scenario::KillRestart if consul => {
-                Err("the Consul simulator runs inside this process: no server process to signal")
-            }
-            Scenario::RollingRestart if consul => {
-                Err("the Consul simulator runs inside this process: no server process to signal")
-            }
+            Scenario::KillRestart | Scenario::RollingRestart if consul => Err(
+                "the Consul simulator keeps its state in memory only (real Consul persists it): \
+                 a restart would measure the simulator, not Consul",
+            ),
             Scenario::RollingRestart if !b.is_cluster() => {
                 Err("single node: covered by kill-restart")
             }
@@ -147,6 +145,14 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
         Scenario::ClientPartition => wait_stale_episode(t, Stale::BlackHole).await,
         Scenario::ServerPause => {
             let hold = (t.ttl + Duration::from_secs(1)).max(Duration::from_secs(3));
+            if let Servers::Consul { child, .. } = &t.env.servers {
+                let c = child.lock().unwrap_or_else(|p| p.into_inner());
+                c.pause().map_err(|e| e.to_string())?;
+                drop(c);
+                tokio::time::sleep(hold).await;
+                let c = child.lock().unwrap_or_else(|p| p.into_inner());
+                return c.resume().map_err(|e| e.to_string());
+            }
             let server = victim(t.env, rng)?;
             with_server(t.env, server, |srv| srv.pause().map_err(|e| e.to_string()))?;
             tokio::time::sleep(hold).await;
@@ -216,7 +222,7 @@ fn victim(env: &Env, _rng: &mut StdRng) -> Result<usize, String> {
         Servers::Cluster(c) => {
             tokio::task::block_in_place(|| c.leader_index()).map_err(|e| e.to_string())
         }
-        Servers::Consul(_) => Err("no server process".into()),
+        Servers::Consul { .. } => Ok(0),
     }
 }
 
@@ -228,6 +234,6 @@ fn with_server<R>(
     match &env.servers {
         Servers::Single(s) => f(s),
         Servers::Cluster(c) => f(&c.members()[i]),
-        Servers::Consul(_) => Err("no server process".into()),
+        Servers::Consul { .. } => Err("the Consul simulator has no testkit server hooks".into()),
     }
 }
