@@ -146,12 +146,13 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
         Scenario::ServerPause => {
             let hold = (t.ttl + Duration::from_secs(1)).max(Duration::from_secs(3));
             if let Servers::Consul { child, .. } = &t.env.servers {
-                let c = child.lock().unwrap_or_else(|p| p.into_inner());
-                c.pause().map_err(|e| e.to_string())?;
-                drop(c);
+                let signal = |pause: bool| {
+                    let c = child.lock().unwrap_or_else(|p| p.into_inner());
+                    if pause { c.pause() } else { c.resume() }.map_err(|e| e.to_string())
+                };
+                signal(true)?;
                 tokio::time::sleep(hold).await;
-                let c = child.lock().unwrap_or_else(|p| p.into_inner());
-                return c.resume().map_err(|e| e.to_string());
+                return signal(false);
             }
             let server = victim(t.env, rng)?;
             with_server(t.env, server, |srv| srv.pause().map_err(|e| e.to_string()))?;
