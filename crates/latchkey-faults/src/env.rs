@@ -130,6 +130,9 @@ pub enum Servers {
     Single(Box<Server>),
     /// Several members with fault hooks.
     Cluster(Cluster),
+    /// A ZooKeeper ensemble with peer traffic through per-pair fault proxies
+    /// (member-partition runs only).
+    ZkPeers(crate::zkpeers::ProxiedEnsemble),
     /// The Consul simulator in a child process of its own (`latchkey-faults
     /// consul-sim`), so it can be paused; its state lives in memory only.
     Consul {
@@ -207,6 +210,7 @@ impl Env {
             Servers::Single(s) => s.addr().into_iter().collect(),
             Servers::Cluster(c) => c.members().iter().filter_map(|m| m.addr()).collect(),
             Servers::Consul { addr, .. } => vec![*addr],
+            Servers::ZkPeers(e) => e.client_addrs.clone(),
         }
     }
 
@@ -232,6 +236,9 @@ impl Env {
                 let _ = c.leader();
             }
             Servers::Consul { .. } => {}
+            Servers::ZkPeers(e) => {
+                let _ = e.wait_serving(Duration::from_secs(60));
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod env;
 pub mod history;
 pub mod scenario;
 pub mod workload;
+pub mod zkpeers;
 
 pub use env::{BackendKind, Env};
 pub use history::{Findings, Promises};
@@ -267,6 +268,19 @@ pub async fn run_once(
     seed: u64,
     opts: &RunOptions,
 ) -> Result<Findings, String> {
+    // Member partitions need peer traffic through proxies: a dedicated ensemble.
+    let own_env;
+    let env = if scenario == Scenario::MemberPartition && env.kind == BackendKind::Zookeeper3 {
+        own_env = tokio::task::block_in_place(|| {
+            zkpeers::ProxiedEnsemble::start().map(|e| Env {
+                kind: env.kind,
+                servers: env::Servers::ZkPeers(e),
+            })
+        })?;
+        &own_env
+    } else {
+        env
+    };
     let ttl = env.kind.ttl();
     let cfg = Arc::new(RunCfg::new(ttl, opts.unfenced));
     let ns = latchkey_testkit::unique_namespace(&format!("faults-{seed}"));

@@ -78,9 +78,10 @@ impl Scenario {
                 Err("single node: covered by kill-restart")
             }
             Scenario::MemberPartition if !b.is_cluster() => Err("single node: no peers"),
-            Scenario::MemberPartition => Err(
-                "not yet implemented: the testkit wires cluster peers directly, so peer traffic \
-                 cannot be routed through fault proxies",
+            Scenario::MemberPartition if b == BackendKind::Etcd3 => Err(
+                "not yet implemented for etcd: member ids derive from the advertised peer URLs, \
+                 so peer traffic cannot go through per-pair fault proxies (needs source-aware \
+                 filtering, e.g. iptables)",
             ),
             _ => Ok(()),
         }
@@ -212,7 +213,34 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
             }
             Ok(())
         }
-        Scenario::MemberPartition => Err("not yet implemented".into()),
+        Scenario::MemberPartition => {
+            let Servers::ZkPeers(e) = &t.env.servers else {
+                return Err("member-partition needs the proxied ZooKeeper ensemble".into());
+            };
+            // Leader-side or minority, by the seed.
+            let leader = blocking(|| e.leader());
+            let victim = match leader {
+                Some(l) if rng.random_bool(0.5) => l,
+                Some(l) => (l + 1 + rng.random_range(0..2)) % 3,
+                None => rng.random_range(0..3),
+            };
+            e.isolate(Some(victim));
+            let hold = (t.ttl * 2).max(Duration::from_secs(4));
+            tokio::time::sleep(hold / 2).await;
+            eprintln!(
+                "[faults]   member {} ({}) cut off from its peers; modes now: {}",
+                victim + 1,
+                if Some(victim) == leader {
+                    "the leader"
+                } else {
+                    "a follower"
+                },
+                blocking(|| e.describe())
+            );
+            tokio::time::sleep(hold / 2).await;
+            e.isolate(None);
+            blocking(|| e.wait_serving(Duration::from_secs(60)))
+        }
     }
 }
 
@@ -223,7 +251,7 @@ fn victim(env: &Env, _rng: &mut StdRng) -> Result<usize, String> {
         Servers::Cluster(c) => {
             tokio::task::block_in_place(|| c.leader_index()).map_err(|e| e.to_string())
         }
-        Servers::Consul { .. } => Ok(0),
+        Servers::Consul { .. } | Servers::ZkPeers(_) => Ok(0),
     }
 }
 
@@ -236,5 +264,6 @@ fn with_server<R>(
         Servers::Single(s) => f(s),
         Servers::Cluster(c) => f(&c.members()[i]),
         Servers::Consul { .. } => Err("the Consul simulator has no testkit server hooks".into()),
+        Servers::ZkPeers(_) => Err("the proxied ensemble has no testkit server hooks".into()),
     }
 }
