@@ -94,7 +94,13 @@ fn pairs_a_backend_cannot_express_are_skipped_with_a_reason() {
     assert!(Scenario::RollingRestart
         .applies(BackendKind::Zookeeper3)
         .is_ok());
+    assert!(Scenario::MemberPartition
+        .applies(BackendKind::Zookeeper3)
+        .is_ok());
     assert!(Scenario::ServerPause
+        .applies(BackendKind::ConsulSim)
+        .is_ok());
+    assert!(Scenario::KillRestart
         .applies(BackendKind::ConsulSim)
         .is_err());
 }
