@@ -6,9 +6,12 @@
 //!                                     deps, then the workspace's tests (all features), then
 //!                                     one conformance line per backend
 //! cargo xtask services up|down|status long-running local servers for manual work
+//! cargo xtask bench                   criterion benches (adapter vs raw client) + handoff table
+//! cargo xtask faults [ARGS]           the fault-injection runs (latchkey-faults ARGS)
 //! ```
 //! B is one of mem, redis, etcd, zookeeper, consul.
 
+mod bench;
 mod deps;
 mod services;
 mod test;
@@ -24,6 +27,8 @@ usage:
   cargo xtask deps [--backend B]
   cargo xtask test [--backend B] [-- <extra cargo test args>]
   cargo xtask services up|down|status
+  cargo xtask bench
+  cargo xtask faults [--backend B] [--runs K] [--seed S]
 B: mem | redis | etcd | zookeeper | consul";
 
 /// The workspace root (this crate lives in `<root>/xtask`).
@@ -111,6 +116,30 @@ fn run() -> Result<(), String> {
                 "down" => services::down(),
                 "status" => services::status(),
                 other => Err(format!("unknown services command {other:?}\n{USAGE}")),
+            }
+        }
+        "bench" => {
+            no_more(&args)?;
+            bench::run_all()
+        }
+        "faults" => {
+            // Everything after `faults` goes to the fault runner as it is.
+            crate::deps::ensure(None)?;
+            let mut all = args.clone();
+            if !extra.is_empty() {
+                all.push("--".into());
+                all.extend(extra.iter().cloned());
+            }
+            let status = std::process::Command::new(cargo())
+                .current_dir(root())
+                .args(["run", "--quiet", "-p", "latchkey-faults", "--"])
+                .args(&all)
+                .status()
+                .map_err(|e| e.to_string())?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("fault runs failed: {status}"))
             }
         }
         "help" | "--help" | "-h" => {

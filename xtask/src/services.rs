@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
-struct Service {
-    name: String,
+pub(crate) struct Service {
+    pub(crate) name: String,
     pid: u32,
     port: u16,
-    url: String,
+    pub(crate) url: String,
     env: String,
     dir: PathBuf,
 }
@@ -52,7 +52,7 @@ fn save(services: &[Service]) -> Result<(), String> {
     std::fs::write(state_file(), text + "\n").map_err(|e| format!("write state: {e}"))
 }
 
-fn load() -> Result<Vec<Service>, String> {
+pub(crate) fn load() -> Result<Vec<Service>, String> {
     let text = match std::fs::read_to_string(state_file()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
