@@ -90,10 +90,10 @@ pub(crate) fn format_nanos(ns: u128) -> String {
         return "0s".into();
     }
     if ns < 1_000_000_000 {
-        if ns % 1_000_000 == 0 {
+        if ns.is_multiple_of(1_000_000) {
             return format!("{}ms", ns / 1_000_000);
         }
-        if ns % 1_000 == 0 {
+        if ns.is_multiple_of(1_000) {
             return format!("{}\u{b5}s", ns / 1_000);
         }
         return format!("{ns}ns");

@@ -489,7 +489,7 @@ impl Store {
     /// session is gone exactly at its deadline whatever the reaper task's
     /// scheduling; true if anything changed.
     pub fn reap(&mut self, now: Instant) -> bool {
-        if !self.earliest.is_some_and(|e| e <= now) {
+        if self.earliest.is_none_or(|e| e > now) {
             return false;
         }
         let expired: Vec<String> = self

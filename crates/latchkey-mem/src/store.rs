@@ -235,7 +235,7 @@ impl State {
     }
 
     fn note_deadline(&mut self, d: Instant) {
-        if self.next_deadline().map_or(true, |m| d < m) {
+        if self.next_deadline().is_none_or(|m| d < m) {
             self.wake = true;
         }
     }
@@ -452,7 +452,7 @@ impl State {
         let free = self
             .locks
             .get(full_name)
-            .map_or(true, |s| s.holder.is_none() && s.queue.is_empty());
+            .is_none_or(|s| s.holder.is_none() && s.queue.is_empty());
         free.then(|| self.set_holder(full_name, id.to_string(), ttl, now))
     }
 

@@ -542,7 +542,7 @@ async fn watch_resyncs_after_reconnect() {
         match (ev.key.as_str(), ev.kind) {
             ("w/kept", EventKind::Put) => {
                 assert!(
-                    kept.map_or(true, |r| ev.revision > r),
+                    kept.is_none_or(|r| ev.revision > r),
                     "revisions increase per key"
                 );
                 kept = Some(ev.revision);

@@ -63,7 +63,7 @@ trait RevExt {
 }
 impl RevExt for Option<Revision> {
     fn is_none_or_eq(&self, r: Revision) -> bool {
-        self.map_or(true, |x| x == r)
+        self.is_none_or(|x| x == r)
     }
 }
 

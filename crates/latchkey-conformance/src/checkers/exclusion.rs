@@ -111,7 +111,7 @@ pub fn check_exclusion(history: &[Holding]) -> Result<(), ExclusionViolation> {
                     });
                 }
             }
-            if latest.map_or(true, |l| h.released > l.released) {
+            if latest.is_none_or(|l| h.released > l.released) {
                 latest = Some(h);
             }
         }

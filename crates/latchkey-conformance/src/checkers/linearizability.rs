@@ -231,7 +231,7 @@ pub fn check_operations<M: Model>(
     let mut entry = next[head];
     while next[head] != NIL {
         steps += 1;
-        if steps % 4096 == 0 && started.elapsed() > budget.time {
+        if steps.is_multiple_of(4096) && started.elapsed() > budget.time {
             return Verdict::Unknown {
                 reason: format!(
                     "search of {n} ops gave up after {:?} ({steps} steps)",
