@@ -671,7 +671,7 @@ impl Inner {
             match self.client.txn(&kv_ops, "running a transaction").await? {
                 TxnReply::RolledBack(errs) => {
                     let unexpected = errs.iter().find(|e| {
-                        ops.get(e.op_index).map_or(true, |(o, _)| {
+                        ops.get(e.op_index).is_none_or(|(o, _)| {
                             matches!(o.verb, Verb::Set | Verb::Delete)
                                 && !e.what.contains("session")
                         })
