@@ -24,6 +24,8 @@ pub async fn run(cli: &Cli, a: &ElectArgs) -> Res {
     ];
     let what = format!("leadership of {:?} (term {term})", a.name);
     let code = supervise(&a.command, &env, leadership.lost(), a.grace, &what).await?;
-    leadership.resign().await?;
+    if !leadership.is_lost() {
+        leadership.resign().await?;
+    }
     Ok(code)
 }

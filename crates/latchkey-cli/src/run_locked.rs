@@ -58,7 +58,10 @@ pub async fn run(cli: &Cli, a: &LockArgs) -> Res {
     ];
     let what = format!("lock {:?} (token {token})", a.name);
     let code = supervise(&a.command, &env, guard.lost(), a.grace, &what).await?;
-    guard.release().await?;
+    // A lost lock has nothing left to release (and its server may be gone).
+    if !guard.is_lost() {
+        guard.release().await?;
+    }
     Ok(code)
 }
 
