@@ -949,6 +949,43 @@ pub(crate) fn spawn_etcd(opts: &EtcdOptions) -> Result<Server> {
     })
 }
 
+/// A cluster of started members (`(node, client port, data dir)`), ready once
+/// every member answers. One place for what etcd clusters and ZooKeeper
+/// ensembles share.
+fn assemble_cluster(
+    kind: Kind,
+    scheme: &str,
+    root: TempDir,
+    started: Vec<(Node, u16, PathBuf)>,
+) -> Result<Cluster> {
+    let hosts: Vec<String> = started
+        .iter()
+        .map(|(_, client, _)| format!("127.0.0.1:{client}"))
+        .collect();
+    let members = started
+        .into_iter()
+        .map(|(node, client, dir)| {
+            let addr = loopback(client);
+            Server {
+                kind,
+                url: format!("{scheme}://{addr}"),
+                addr: Some(addr),
+                node: Some(node),
+                data_dir: Some(dir),
+                _dir: None,
+            }
+        })
+        .collect();
+    let cluster = Cluster {
+        kind,
+        url: format!("{scheme}://{}", hosts.join(",")),
+        members,
+        _dir: Some(root),
+    };
+    cluster.wait_ready()?;
+    Ok(cluster)
+}
+
 pub(crate) fn spawn_etcd_cluster(size: usize, opts: &EtcdOptions) -> Result<Cluster> {
     let program = bins::etcd()?;
     if size == 0 {
@@ -975,37 +1012,15 @@ pub(crate) fn spawn_etcd_cluster(size: usize, opts: &EtcdOptions) -> Result<Clus
             .join(",");
         let token = format!("latchkey-{}", process::unique_suffix());
         let scheme = if opts.tls.is_some() { "etcds" } else { "etcd" };
-        let mut servers = Vec::new();
+        let mut started = Vec::new();
         for m in &members {
             std::fs::create_dir_all(&m.dir).map_err(|e| Error::io("create member dir", e))?;
             let node = etcd_node(&program, m, &initial, &token, opts, true);
             // Start all first: a member is only healthy once a quorum is up.
             node.start(false)?;
-            let addr = loopback(m.client);
-            servers.push(Server {
-                kind: Kind::Etcd,
-                url: format!("{scheme}://{addr}"),
-                addr: Some(addr),
-                node: Some(node),
-                data_dir: Some(m.dir.clone()),
-                _dir: None,
-            });
+            started.push((node, m.client, m.dir.clone()));
         }
-        let cluster = Cluster {
-            kind: Kind::Etcd,
-            url: format!(
-                "{scheme}://{}",
-                members
-                    .iter()
-                    .map(|m| format!("127.0.0.1:{}", m.client))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            members: servers,
-            _dir: Some(root),
-        };
-        cluster.wait_ready()?;
-        Ok(cluster)
+        assemble_cluster(Kind::Etcd, scheme, root, started)
     })
 }
 
@@ -1128,34 +1143,12 @@ pub(crate) fn spawn_zookeeper_ensemble(size: usize, opts: &ZookeeperOptions) -> 
             .iter()
             .map(|m| format!("server.{}=127.0.0.1:{}:{}", m.id, m.quorum, m.election))
             .collect();
-        let mut servers = Vec::new();
+        let mut started = Vec::new();
         for m in &members {
             let node = zk_node(&java, &cp, m, &server_lines, opts)?;
             node.start(false)?;
-            let addr = loopback(m.client);
-            servers.push(Server {
-                kind: Kind::ZooKeeper,
-                url: format!("zookeeper://{addr}"),
-                addr: Some(addr),
-                node: Some(node),
-                data_dir: Some(m.dir.clone()),
-                _dir: None,
-            });
+            started.push((node, m.client, m.dir.clone()));
         }
-        let cluster = Cluster {
-            kind: Kind::ZooKeeper,
-            url: format!(
-                "zookeeper://{}",
-                members
-                    .iter()
-                    .map(|m| format!("127.0.0.1:{}", m.client))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            members: servers,
-            _dir: Some(root),
-        };
-        cluster.wait_ready()?;
-        Ok(cluster)
+        assemble_cluster(Kind::ZooKeeper, "zookeeper", root, started)
     })
 }
