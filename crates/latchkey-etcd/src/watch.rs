@@ -3,21 +3,32 @@
 
 use crate::conn::{classify, map_read, Fault, Shared};
 use bytes::Bytes;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures::StreamExt;
 use latchkey_core::{validate, Error, EventKind, Result, Revision, WatchEvent, WatchStream};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Opens one etcd watch on the prefix `key` from `start` (0: from now) and
-/// waits for its `created` answer. Returns the stream and the header
-/// revision of that answer.
-async fn open(sh: &Shared, key: &str, start: i64) -> Result<(etcd_client::WatchStream, i64)> {
-    let mut o = WatchOptions::new().with_prefix();
-    if start > 0 {
-        o = o.with_start_revision(start);
-    }
+/// The store's revision as of now: the header of a linearizable read, which
+/// covers every write that completed before it. A watch created without a
+/// start revision would instead start at the revision the *member* has
+/// applied, and a lagging follower would replay writes that completed
+/// before `watch()` was called.
+async fn now(sh: &Shared, key: &str) -> Result<i64> {
+    let resp = sh
+        .read(|mut c| {
+            let key = key.to_string();
+            async move { c.get(key, Some(GetOptions::new().with_count_only())).await }
+        })
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Opens one etcd watch on the prefix `key` from revision `start` and waits
+/// for its `created` answer.
+async fn open(sh: &Shared, key: &str, start: i64) -> Result<etcd_client::WatchStream> {
+    let o = WatchOptions::new().with_prefix().with_start_revision(start);
     let mut c = sh.req();
     let mut s = c.watch(key, Some(o)).await.map_err(map_read)?;
     // The first answer is the creation (or the refusal) of the watch.
@@ -37,8 +48,7 @@ async fn open(sh: &Shared, key: &str, start: i64) -> Result<(etcd_client::WatchS
             format!("watch refused: {}", first.cancel_reason()),
         ));
     }
-    let rev = first.header().map_or(0, |h| h.revision());
-    Ok((s, rev))
+    Ok(s)
 }
 
 pub(crate) async fn watch(
@@ -48,10 +58,13 @@ pub(crate) async fn watch(
 ) -> Result<WatchStream> {
     validate::prefix(prefix)?;
     let key = sh.layout.kv(prefix);
-    let start = from.map_or(0, |r| i64::try_from(r.max(1)).unwrap_or(i64::MAX));
+    let start = match from {
+        Some(r) => i64::try_from(r.max(1)).unwrap_or(i64::MAX),
+        None => now(&sh, &key).await? + 1,
+    };
     // Opened before returning, so that every write after `watch()` returns
-    // is seen (from = None starts at the creation's header revision + 1).
-    let (stream, created_at) = match open(&sh, &key, start).await {
+    // is seen.
+    let stream = match open(&sh, &key, start).await {
         Ok(x) => x,
         // A compacted start is reported in the stream, as its only item.
         Err(e @ Error::Compacted { .. }) => {
@@ -59,9 +72,8 @@ pub(crate) async fn watch(
         }
         Err(e) => return Err(e),
     };
-    let next = if start > 0 { start } else { created_at + 1 };
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(run(sh, key, stream, next, tx));
+    tokio::spawn(run(sh, key, stream, start, tx));
     Ok(tokio_stream_from(rx))
 }
 
@@ -147,7 +159,7 @@ async fn run(
                 _ = tokio::time::sleep(backoff) => {}
             }
             match open(&sh, &key, next).await {
-                Ok((s, _)) => {
+                Ok(s) => {
                     stream = s;
                     break;
                 }

@@ -818,3 +818,54 @@ async fn handoff_is_not_delayed_by_the_watch_catch_up_tick() {
     eprintln!("handoffs: {handoffs:?}");
     assert!(p50 < Duration::from_millis(30), "median handoff {p50:?}");
 }
+
+/// `watch(prefix, None)` starts after every write that completed before it
+/// was called, even on a member that has not applied them yet: a follower
+/// that was paused while a write committed must not replay that write to a
+/// watch opened on it right after it resumes. (Found in CI: the conformance
+/// case `watch::txn_writes_reported` on the cluster saw the setup write.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_now_on_a_lagging_member_skips_completed_writes() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| {
+            latchkey_testkit::spawn_etcd_cluster(3, EtcdOptions::default())
+        })
+        .await
+        .unwrap()
+        .expect("3-member etcd cluster"),
+    );
+    let c = cluster.clone();
+    let leader = tokio::task::spawn_blocking(move || c.leader_index().expect("a leader"))
+        .await
+        .unwrap();
+    let follower = (leader + 1) % 3;
+    let ns = "lagging";
+    let at = |i: usize| format!("etcd://{}?timeout=5s", cluster.members()[i].addr().unwrap());
+    let writer = open(&at(leader), ns).await;
+    let watcher = open(&at(follower), ns).await;
+    for round in 0..20 {
+        let before = Bytes::from(format!("before-{round}"));
+        let paused = cluster.members()[follower].pause_guard().expect("pause");
+        writer
+            .put("k", before.clone(), PutOptions::default())
+            .await
+            .expect("a write commits on the other two members");
+        drop(paused);
+        let mut s = watcher.watch("k", None).await.expect("watch");
+        let marker = writer
+            .put("k", Bytes::from("marker"), PutOptions::default())
+            .await
+            .unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("an event")
+            .expect("the stream lives")
+            .expect("no watch error");
+        assert_eq!(
+            (ev.value.clone(), ev.revision),
+            (Bytes::from("marker"), marker),
+            "round {round}: the first event after watch() must be the marker, \
+             not the write that completed before it: {ev:?}"
+        );
+    }
+}
