@@ -360,6 +360,21 @@ impl ZookeeperBackend {
         }
     }
 
+    /// Whether the lock entry `path` exists, asked through the write path
+    /// (a `multi[check]`, ordered by the leader), so a lagging member's
+    /// copy cannot answer "gone" for an entry that was just created.
+    async fn entry_exists(&self, path: &str, what: &str) -> Result<bool> {
+        let client = self.zk().await?;
+        let mut plan = Plan::new(&client, self.inner.acls);
+        plan.check(path, -1).map_err(|e| map(e, Kind::Read, what))?;
+        self.count();
+        match plan.commit().await {
+            Commit::Done(_) => Ok(true),
+            Commit::Retry => Ok(false),
+            Commit::Failed(e) => Err(map(e, Kind::Read, what)),
+        }
+    }
+
     fn contention(what: &str) -> Error {
         Error::unavailable(
             NAME,
@@ -581,6 +596,15 @@ impl Txn for ZookeeperBackend {
                 let i = keys.len() + held.iter().position(|h| h == id).unwrap_or(0);
                 &states[i]
             };
+            // The read may come from a member that has not applied the
+            // entry's create yet (it was made on the lock's own session,
+            // maybe through another member). An entry never comes back once
+            // deleted, so an absence confirmed through the leader is final.
+            for id in &held {
+                if held_state(id).is_none() && self.entry_exists(id, what).await? {
+                    continue 'attempt;
+                }
+            }
             let succeeded = req.when.iter().all(|c| match c {
                 Compare::Revision { key, op, revision } => {
                     op.holds(current(key_state(key)).unwrap_or(0), *revision)

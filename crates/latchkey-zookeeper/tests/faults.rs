@@ -557,3 +557,41 @@ async fn watch_resyncs_after_reconnect() {
         Bytes::from("5")
     );
 }
+
+/// `Compare::held` decides from the server state, not from a lagging
+/// member's copy: a follower that was paused while a lock was taken, and
+/// answers a txn right after it resumes, must still see the holder's
+/// entry. (Found in CI: an election's first fenced write right after
+/// `lock()` failed on the ensemble because the txn's read of the entry
+/// went to a member that had not applied its create yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_compare_on_a_lagging_member_sees_a_fresh_entry() {
+    let cluster = spawn_zookeeper_ensemble(3, options()).expect("ensemble");
+    let leader = cluster.leader_index().expect("leader");
+    let follower = (leader + 1) % 3;
+    let at = |i: usize| format!("zookeeper://{}", cluster.members()[i].addr().unwrap());
+    let ns = unique_namespace("zk-lagging");
+    let holder = open(&at(leader), &ns, "").await.expect("open holder");
+    let checker = open(&at(follower), &ns, "").await.expect("open checker");
+    for round in 0..50 {
+        let paused = cluster.members()[follower].pause_guard().expect("pause");
+        let g = holder
+            .lock("l", LockOptions::ttl(Duration::from_secs(4)))
+            .await
+            .expect("the lock is taken on the other two members");
+        drop(paused);
+        let out = checker
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::held(&g)])
+                    .then([Op::put("x", round.to_string())]),
+            )
+            .await
+            .expect("txn");
+        assert!(
+            out.succeeded,
+            "round {round}: the guard holds, its fenced write must commit"
+        );
+        g.release().await.expect("release");
+    }
+}
