@@ -133,6 +133,9 @@ pub enum Servers {
     /// A ZooKeeper ensemble with peer traffic through per-pair fault proxies
     /// (member-partition runs only).
     ZkPeers(crate::zkpeers::ProxiedEnsemble),
+    /// An etcd cluster whose members run in network namespaces of their own
+    /// (member-partition runs only).
+    EtcdNet(Box<crate::etcdnet::NetCluster>),
     /// The Consul simulator in a child process of its own (`latchkey-faults
     /// consul-sim`), so it can be paused; its state lives in memory only.
     Consul {
@@ -211,6 +214,7 @@ impl Env {
             Servers::Cluster(c) => c.members().iter().filter_map(|m| m.addr()).collect(),
             Servers::Consul { addr, .. } => vec![*addr],
             Servers::ZkPeers(e) => e.client_addrs.clone(),
+            Servers::EtcdNet(c) => c.client_addrs(),
         }
     }
 
@@ -238,6 +242,9 @@ impl Env {
             Servers::Consul { .. } => {}
             Servers::ZkPeers(e) => {
                 let _ = e.wait_serving(Duration::from_secs(60));
+            }
+            Servers::EtcdNet(c) => {
+                let _ = c.wait_serving(Duration::from_secs(60));
             }
         }
     }

@@ -29,6 +29,7 @@
 //! with a plain put, to show that the checkers catch the resulting violations.
 
 pub mod env;
+pub mod etcdnet;
 pub mod history;
 pub mod scenario;
 pub mod workload;
@@ -268,18 +269,30 @@ pub async fn run_once(
     seed: u64,
     opts: &RunOptions,
 ) -> Result<Findings, String> {
-    // Member partitions need peer traffic through proxies: a dedicated ensemble.
+    // Member partitions need peer links that can be cut: a dedicated cluster
+    // (ZooKeeper: peer traffic through per-pair proxies; etcd: members in
+    // network namespaces of their own). Dropped (deleted) at the end of the run.
     let own_env;
-    let env = if scenario == Scenario::MemberPartition && env.kind == BackendKind::Zookeeper3 {
-        own_env = tokio::task::block_in_place(|| {
-            zkpeers::ProxiedEnsemble::start().map(|e| Env {
-                kind: env.kind,
-                servers: env::Servers::ZkPeers(e),
-            })
-        })?;
-        &own_env
-    } else {
-        env
+    let env = match (scenario, env.kind) {
+        (Scenario::MemberPartition, BackendKind::Zookeeper3) => {
+            own_env = tokio::task::block_in_place(|| {
+                zkpeers::ProxiedEnsemble::start().map(|e| Env {
+                    kind: env.kind,
+                    servers: env::Servers::ZkPeers(e),
+                })
+            })?;
+            &own_env
+        }
+        (Scenario::MemberPartition, BackendKind::Etcd3) => {
+            own_env = tokio::task::block_in_place(|| {
+                etcdnet::NetCluster::start().map(|c| Env {
+                    kind: env.kind,
+                    servers: env::Servers::EtcdNet(Box::new(c)),
+                })
+            })?;
+            &own_env
+        }
+        _ => env,
     };
     let ttl = env.kind.ttl();
     let cfg = Arc::new(RunCfg::new(ttl, opts.unfenced));
@@ -331,6 +344,7 @@ pub async fn run_once(
         shared: &shared,
         ttl,
         phase,
+        seed,
     };
     let injected = scenario::inject(scenario, &target, &mut rng).await;
     local.set_mode(latchkey_testkit::ProxyMode::Pass);

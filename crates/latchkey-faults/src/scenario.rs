@@ -78,11 +78,8 @@ impl Scenario {
                 Err("single node: covered by kill-restart")
             }
             Scenario::MemberPartition if !b.is_cluster() => Err("single node: no peers"),
-            Scenario::MemberPartition if b == BackendKind::Etcd3 => Err(
-                "not yet implemented for etcd: member ids derive from the advertised peer URLs, \
-                 so peer traffic cannot go through per-pair fault proxies (needs source-aware \
-                 filtering, e.g. iptables)",
-            ),
+            // Members in network namespaces of their own: root (CAP_NET_ADMIN) only.
+            Scenario::MemberPartition if b == BackendKind::Etcd3 => crate::etcdnet::available(),
             _ => Ok(()),
         }
     }
@@ -102,6 +99,53 @@ pub struct Target<'a> {
     pub ttl: Duration,
     /// How long the fault phases last (shorter with `--quick`).
     pub phase: Duration,
+    /// The run's seed (member-partition: leader-side on even seeds, a
+    /// follower on odd ones, so any two consecutive runs cover both).
+    pub seed: u64,
+}
+
+/// A cluster whose members can be cut off from their peers while clients
+/// still reach every member.
+pub trait PeerPartition: Sync {
+    /// Index of the current leader, if one is known.
+    fn leader(&self) -> Option<usize>;
+    /// Cuts member `v` off from its peers; `None` heals.
+    fn isolate(&self, v: Option<usize>) -> Result<(), String>;
+    /// What each member says about itself (for messages).
+    fn describe(&self) -> String;
+    /// Waits until every member serves again.
+    fn wait_serving(&self, timeout: Duration) -> Result<(), String>;
+}
+
+impl PeerPartition for crate::zkpeers::ProxiedEnsemble {
+    fn leader(&self) -> Option<usize> {
+        crate::zkpeers::ProxiedEnsemble::leader(self)
+    }
+    fn isolate(&self, v: Option<usize>) -> Result<(), String> {
+        crate::zkpeers::ProxiedEnsemble::isolate(self, v);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        crate::zkpeers::ProxiedEnsemble::describe(self)
+    }
+    fn wait_serving(&self, timeout: Duration) -> Result<(), String> {
+        crate::zkpeers::ProxiedEnsemble::wait_serving(self, timeout)
+    }
+}
+
+impl PeerPartition for crate::etcdnet::NetCluster {
+    fn leader(&self) -> Option<usize> {
+        crate::etcdnet::NetCluster::leader(self)
+    }
+    fn isolate(&self, v: Option<usize>) -> Result<(), String> {
+        crate::etcdnet::NetCluster::isolate(self, v)
+    }
+    fn describe(&self) -> String {
+        crate::etcdnet::NetCluster::describe(self)
+    }
+    fn wait_serving(&self, timeout: Duration) -> Result<(), String> {
+        crate::etcdnet::NetCluster::wait_serving(self, timeout)
+    }
 }
 
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
@@ -214,32 +258,40 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
             Ok(())
         }
         Scenario::MemberPartition => {
-            let Servers::ZkPeers(e) = &t.env.servers else {
-                return Err("member-partition needs the proxied ZooKeeper ensemble".into());
+            let c: &dyn PeerPartition = match &t.env.servers {
+                Servers::ZkPeers(e) => e,
+                Servers::EtcdNet(c) => c.as_ref(),
+                _ => {
+                    return Err(
+                        "member-partition needs a cluster whose peer links can be cut".into(),
+                    )
+                }
             };
-            // Leader-side or minority, by the seed.
-            let leader = blocking(|| e.leader());
+            let leader = blocking(|| c.leader());
             let victim = match leader {
-                Some(l) if rng.random_bool(0.5) => l,
+                Some(l) if t.seed.is_multiple_of(2) => l,
                 Some(l) => (l + 1 + rng.random_range(0..2)) % 3,
                 None => rng.random_range(0..3),
             };
-            e.isolate(Some(victim));
+            if let Err(e) = c.isolate(Some(victim)) {
+                let _ = c.isolate(None);
+                return Err(format!("cutting member {} off: {e}", victim + 1));
+            }
             let hold = (t.ttl * 2).max(Duration::from_secs(4));
             tokio::time::sleep(hold / 2).await;
             eprintln!(
-                "[faults]   member {} ({}) cut off from its peers; modes now: {}",
+                "[faults]   member {} ({}) cut off from its peers; members now: {}",
                 victim + 1,
                 if Some(victim) == leader {
                     "the leader"
                 } else {
                     "a follower"
                 },
-                blocking(|| e.describe())
+                blocking(|| c.describe())
             );
             tokio::time::sleep(hold / 2).await;
-            e.isolate(None);
-            blocking(|| e.wait_serving(Duration::from_secs(60)))
+            c.isolate(None).map_err(|e| format!("healing: {e}"))?;
+            blocking(|| c.wait_serving(Duration::from_secs(60)))
         }
     }
 }
@@ -251,7 +303,7 @@ fn victim(env: &Env, _rng: &mut StdRng) -> Result<usize, String> {
         Servers::Cluster(c) => {
             tokio::task::block_in_place(|| c.leader_index()).map_err(|e| e.to_string())
         }
-        Servers::Consul { .. } | Servers::ZkPeers(_) => Ok(0),
+        Servers::Consul { .. } | Servers::ZkPeers(_) | Servers::EtcdNet(_) => Ok(0),
     }
 }
 
@@ -265,5 +317,8 @@ fn with_server<R>(
         Servers::Cluster(c) => f(&c.members()[i]),
         Servers::Consul { .. } => Err("the Consul simulator has no testkit server hooks".into()),
         Servers::ZkPeers(_) => Err("the proxied ensemble has no testkit server hooks".into()),
+        Servers::EtcdNet(_) => {
+            Err("the namespaced etcd cluster has no testkit server hooks".into())
+        }
     }
 }
