@@ -277,20 +277,33 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
                 let _ = c.isolate(None);
                 return Err(format!("cutting member {} off: {e}", victim + 1));
             }
+            let cut = Instant::now();
             let hold = (t.ttl * 2).max(Duration::from_secs(4));
-            tokio::time::sleep(hold / 2).await;
-            eprintln!(
-                "[faults]   member {} ({}) cut off from its peers; members now: {}",
-                victim + 1,
-                if Some(victim) == leader {
-                    "the leader"
-                } else {
-                    "a follower"
-                },
-                blocking(|| c.describe())
-            );
-            tokio::time::sleep(hold / 2).await;
+            // Meanwhile the holder child, once it holds the lock, reaches only
+            // the cut-off member until its TTL has passed and another client
+            // acquired (through the majority); then its write, sent anywhere
+            // while the member is still cut off, must be refused by the fence.
+            let episode = async {
+                wait_stale_episode(t, Stale::Minority(victim)).await?;
+                tokio::time::sleep(hold.saturating_sub(cut.elapsed())).await;
+                Ok::<(), String>(())
+            };
+            let report = async {
+                tokio::time::sleep(hold / 2).await;
+                eprintln!(
+                    "[faults]   member {} ({}) cut off from its peers; members now: {}",
+                    victim + 1,
+                    if Some(victim) == leader {
+                        "the leader"
+                    } else {
+                        "a follower"
+                    },
+                    blocking(|| c.describe())
+                );
+            };
+            let (episode, ()) = tokio::join!(episode, report);
             c.isolate(None).map_err(|e| format!("healing: {e}"))?;
+            episode?;
             blocking(|| c.wait_serving(Duration::from_secs(60)))
         }
     }

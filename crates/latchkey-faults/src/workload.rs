@@ -58,6 +58,20 @@ pub enum Stale {
     Stop,
     /// Black-hole the child's network (its fault proxies).
     BlackHole,
+    /// Stall the child's proxies to every member but this one, which the
+    /// scenario has cut off from its peers: a holder stranded on the
+    /// minority side of a member partition.
+    Minority(usize),
+}
+
+impl Stale {
+    fn label(self) -> &'static str {
+        match self {
+            Stale::Stop => "holder SIGSTOP",
+            Stale::BlackHole => "client black-hole",
+            Stale::Minority(_) => "holder stranded with the cut-off member",
+        }
+    }
 }
 
 /// State shared by the clients and the fault driver of one run.
@@ -515,6 +529,17 @@ impl ChildDriver {
                         proxies.set_mode(latchkey_testkit::ProxyMode::BlackHole);
                         true
                     }
+                    Stale::Minority(v) => {
+                        // Stall, not black-hole: like the routes that cut the
+                        // member off, a partition TCP survives (bytes held,
+                        // delivered on healing), not one with holes in streams.
+                        for (i, p) in proxies.proxies.iter().enumerate() {
+                            if i != v {
+                                p.set_mode(latchkey_testkit::ProxyMode::Stall);
+                            }
+                        }
+                        true
+                    }
                 };
                 // Stay stale past the TTL and until another client has taken the lock.
                 let deadline = Instant::now() + cfg.ttl * 4 + cfg.lock_wait;
@@ -530,7 +555,9 @@ impl ChildDriver {
                     Stale::Stop => {
                         let _ = self.child.resume();
                     }
-                    Stale::BlackHole => proxies.set_mode(latchkey_testkit::ProxyMode::Pass),
+                    Stale::BlackHole | Stale::Minority(_) => {
+                        proxies.set_mode(latchkey_testkit::ProxyMode::Pass)
+                    }
                 }
             }
             let write_call = now_ns();
@@ -574,10 +601,7 @@ impl ChildDriver {
                 }
                 shared.with(|h| {
                     h.stale.push(StaleHolder {
-                        how: match how {
-                            Stale::Stop => "holder SIGSTOP",
-                            Stale::BlackHole => "client black-hole",
-                        },
+                        how: how.label(),
                         other_acquired,
                         outcome,
                         error: why,
