@@ -5,6 +5,7 @@ use crate::workload::{Shared, Stale};
 use latchkey_testkit::ProxyMode;
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,11 @@ async fn wait_stale_episode(t: &Target<'_>, how: Stale) -> Result<(), String> {
         .stale_request
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(how);
+    wait_stale_recorded(t).await
+}
+
+/// Waits until the requested stale-holder episode has been recorded.
+async fn wait_stale_recorded(t: &Target<'_>) -> Result<(), String> {
     let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
     loop {
         let done = !t
@@ -273,18 +279,40 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
                 Some(l) => (l + 1 + rng.random_range(0..2)) % 3,
                 None => rng.random_range(0..3),
             };
+            // First the holder child takes the lock and is stranded with the
+            // victim (its proxies to the other members stall); only then is
+            // the victim cut off, so the child holds a lock it cannot renew.
+            // (Cutting first would make the child's own lock() fail whenever
+            // one of its requests reaches the cut-off member.) Once its TTL
+            // has passed and another client acquired through the majority,
+            // its write, sent anywhere while the member is still cut off,
+            // must be refused by the fence.
+            *t.shared
+                .stale_request
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Stale::Minority(victim));
+            let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
+            while !t.shared.stale_active.load(Ordering::SeqCst) {
+                if Instant::now() >= deadline {
+                    t.shared
+                        .stale_request
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    return Err(
+                        "the holder child never held the lock long enough to be stranded".into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if let Err(e) = c.isolate(Some(victim)) {
                 let _ = c.isolate(None);
                 return Err(format!("cutting member {} off: {e}", victim + 1));
             }
             let cut = Instant::now();
             let hold = (t.ttl * 2).max(Duration::from_secs(4));
-            // Meanwhile the holder child, once it holds the lock, reaches only
-            // the cut-off member until its TTL has passed and another client
-            // acquired (through the majority); then its write, sent anywhere
-            // while the member is still cut off, must be refused by the fence.
             let episode = async {
-                wait_stale_episode(t, Stale::Minority(victim)).await?;
+                wait_stale_recorded(t).await?;
                 tokio::time::sleep(hold.saturating_sub(cut.elapsed())).await;
                 Ok::<(), String>(())
             };

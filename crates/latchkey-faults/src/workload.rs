@@ -85,6 +85,9 @@ pub struct Shared {
     pub last_local_acquire: AtomicU64,
     /// A stale-holder episode the child driver should stage at its next hold.
     pub stale_request: Mutex<Option<Stale>>,
+    /// True while the holder child is held stale (it holds the lock and the
+    /// requested fault is applied), so a scenario can add its own fault then.
+    pub stale_active: AtomicBool,
     /// Client ids.
     next_client: AtomicUsize,
 }
@@ -541,6 +544,7 @@ impl ChildDriver {
                         true
                     }
                 };
+                shared.stale_active.store(ok, Ordering::SeqCst);
                 // Stay stale past the TTL and until another client has taken the lock.
                 let deadline = Instant::now() + cfg.ttl * 4 + cfg.lock_wait;
                 let min = Instant::now() + cfg.ttl + Duration::from_millis(500);
@@ -559,6 +563,7 @@ impl ChildDriver {
                         proxies.set_mode(latchkey_testkit::ProxyMode::Pass)
                     }
                 }
+                shared.stale_active.store(false, Ordering::SeqCst);
             }
             let write_call = now_ns();
             let idx = shared.with(|h| {

@@ -46,6 +46,32 @@ fn fenced_counter_and_register_survive_holder_pause_and_server_kill() {
 }
 
 #[test]
+fn an_etcd_member_cut_off_from_its_peers_leader_side_and_minority() {
+    if let Err(why) = latchkey_faults::etcdnet::available() {
+        eprintln!("not run: {why}");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Seeds 20261126 (even: the leader is cut off) and 20261127 (a follower);
+    // in each the holder child is stranded with the cut-off member and its
+    // write must be refused (a run that cannot stage that counts as failed).
+    let report = latchkey_faults::run(&opts(
+        &[BackendKind::Etcd3],
+        &[Scenario::MemberPartition],
+        2,
+        false,
+    ));
+    let table = report.table();
+    println!("{table}");
+    let row = &report.rows[0];
+    assert!(row.skipped.is_none(), "{table}");
+    assert_eq!(row.runs, 2, "{table}");
+    assert!(row.ops > 100, "too few ops recorded:\n{table}");
+    assert_eq!(report.violations(), 0, "{table}");
+    assert_eq!(row.lost_updates, 0, "{table}");
+}
+
+#[test]
 fn without_fencing_the_checkers_report_the_stale_holders_write() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let report = latchkey_faults::run(&opts(
