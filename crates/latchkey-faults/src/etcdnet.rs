@@ -50,26 +50,47 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// creating (and deleting) a namespace and a bridge, once per process.
 pub fn available() -> Result<(), &'static str> {
     static PROBED: OnceLock<Result<(), &'static str>> = OnceLock::new();
-    *PROBED.get_or_init(|| {
-        let pid = std::process::id();
-        let ns = format!("latchkey-{pid}-probe");
-        match Command::new("ip").args(["netns", "add", &ns]).output() {
-            Err(_) => return Err("needs the `ip` command (iproute2) for network namespaces"),
-            Ok(o) if !o.status.success() => {
-                return Err(
-                    "needs root with CAP_NET_ADMIN for network namespaces (`ip netns add` failed)",
-                )
-            }
-            Ok(_) => {}
+    *PROBED.get_or_init(probe_once)
+}
+
+/// Creates and deletes each kind of thing [`NetCluster::start`] creates: a
+/// namespace (CAP_SYS_ADMIN), a bridge and a veth pair into the namespace
+/// (CAP_NET_ADMIN).
+fn probe_once() -> Result<(), &'static str> {
+    const NOT_PERMITTED: &str = "needs root with CAP_NET_ADMIN for network namespaces";
+    let pid = std::process::id();
+    let ns = format!("latchkey-{pid}-probe");
+    let br = format!("lk{pid}-pb");
+    let veth = format!("lk{pid}-pv");
+    match Command::new("ip").args(["netns", "add", &ns]).output() {
+        Err(_) => return Err("needs the `ip` command (iproute2) for network namespaces"),
+        Ok(o) if !o.status.success() => return Err(NOT_PERMITTED),
+        Ok(_) => {}
+    }
+    let steps: [&[&str]; 2] = [
+        &["link", "add", &br, "type", "bridge"],
+        &[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ],
+    ];
+    let mut verdict = Ok(());
+    for step in steps {
+        if let Err(e) = ip(step) {
+            let denied = ["not permitted", "Permission denied"]
+                .iter()
+                .any(|w| e.contains(w));
+            verdict = Err(if denied {
+                NOT_PERMITTED
+            } else {
+                "needs the kernel's bridge and veth link types for network namespaces"
+            });
+            break;
         }
-        let _ = ip(&["netns", "del", &ns]);
-        let br = format!("lk{pid}-pb");
-        if ip(&["link", "add", &br, "type", "bridge"]).is_err() {
-            return Err("needs the kernel's bridge link type for network namespaces");
-        }
-        let _ = ip(&["link", "del", &br]);
-        Ok(())
-    })
+    }
+    let _ = ip(&["link", "del", &veth]);
+    let _ = ip(&["link", "del", &br]);
+    let _ = ip(&["netns", "del", &ns]);
+    verdict
 }
 
 /// Runs `ip args…`; the error names the command and what `ip` said.
