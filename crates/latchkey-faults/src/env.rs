@@ -60,6 +60,12 @@ impl BackendKind {
     /// Parses a label; `redis`, `etcd`, `zookeeper`, `consul` also select
     /// every configuration of that backend when `family` is true.
     pub fn select(name: &str) -> Vec<BackendKind> {
+        // Cluster labels without the dash are accepted too.
+        let name = match name {
+            "etcd3" => "etcd-3",
+            "zookeeper3" | "zk3" => "zookeeper-3",
+            other => other,
+        };
         let exact: Vec<BackendKind> = Self::ALL
             .iter()
             .copied()
@@ -280,5 +286,22 @@ impl ProxyGroup {
         for p in &self.proxies {
             p.reset_connections();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackendKind;
+
+    #[test]
+    fn labels_select_one_configuration_or_a_family() {
+        assert_eq!(BackendKind::select("etcd-3"), vec![BackendKind::Etcd3]);
+        assert_eq!(BackendKind::select("etcd3"), vec![BackendKind::Etcd3]);
+        assert_eq!(BackendKind::select("zk3"), vec![BackendKind::Zookeeper3]);
+        assert_eq!(
+            BackendKind::select("etcd"),
+            vec![BackendKind::Etcd, BackendKind::Etcd3]
+        );
+        assert!(BackendKind::select("etcd4").is_empty());
     }
 }
