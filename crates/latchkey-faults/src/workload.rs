@@ -559,8 +559,24 @@ impl ChildDriver {
                     Stale::Stop => {
                         let _ = self.child.resume();
                     }
-                    Stale::BlackHole | Stale::Minority(_) => {
-                        proxies.set_mode(latchkey_testkit::ProxyMode::Pass)
+                    Stale::BlackHole => proxies.set_mode(latchkey_testkit::ProxyMode::Pass),
+                    Stale::Minority(v) => {
+                        // The stranded holder fails over to the majority: its
+                        // links to the others pass again, the one to the
+                        // cut-off member breaks (RST, also for reconnects), so
+                        // its write reaches a member that could commit it.
+                        // (Sent to the cut-off member it could only time out.)
+                        for (i, p) in proxies.proxies.iter().enumerate() {
+                            p.set_mode(if i == v {
+                                latchkey_testkit::ProxyMode::Reset
+                            } else {
+                                latchkey_testkit::ProxyMode::Pass
+                            });
+                        }
+                        let until = Instant::now() + Duration::from_secs(1);
+                        while proxies.proxies[v].open_connections() > 0 && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                     }
                 }
                 shared.stale_active.store(false, Ordering::SeqCst);
