@@ -546,7 +546,13 @@ impl ChildDriver {
                 };
                 shared.stale_active.store(ok, Ordering::SeqCst);
                 // Stay stale past the TTL and until another client has taken the lock.
-                let deadline = Instant::now() + cfg.ttl * 4 + cfg.lock_wait;
+                // A cut-off leader: the majority first has to elect a new one
+                // (a ZooKeeper ensemble under load took over 15 s).
+                let extra = match how {
+                    Stale::Minority(_) => Duration::from_secs(30),
+                    _ => Duration::ZERO,
+                };
+                let deadline = Instant::now() + cfg.ttl * 4 + cfg.lock_wait + extra;
                 let min = Instant::now() + cfg.ttl + Duration::from_millis(500);
                 while ok && Instant::now() < deadline {
                     other_acquired = shared.last_local_acquire.load(Ordering::SeqCst) > start;
