@@ -186,13 +186,33 @@ impl Drop for FileLock {
     }
 }
 
-/// The PID a resource name carries (`latchkey-<pid>-…` or `lk<pid>-…`).
+/// The PID in the name of a namespace or link this module creates, `None`
+/// for any other name (so nothing else is ever deleted): namespaces
+/// `latchkey-<pid>-<k>-m<i>` and `latchkey-<pid>-probe`, links
+/// `lk<pid>-<k>b`, `lk<pid>-<k>r<i>`, `lk<pid>-pb`, `lk<pid>-pv`.
 fn owner_pid(name: &str) -> Option<i32> {
-    let rest = name
-        .strip_prefix("latchkey-")
-        .or_else(|| name.strip_prefix("lk"))?;
-    let (pid, _) = rest.split_once('-')?;
-    pid.parse().ok()
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (pid, tail) = if let Some(rest) = name.strip_prefix("latchkey-") {
+        let (pid, tail) = rest.split_once('-')?;
+        let ok = tail == "probe"
+            || tail
+                .split_once("-m")
+                .is_some_and(|(k, i)| digits(k) && digits(i));
+        (pid, ok)
+    } else {
+        let (pid, tail) = name.strip_prefix("lk")?.split_once('-')?;
+        let ok = matches!(tail, "pb" | "pv")
+            || tail.strip_suffix('b').is_some_and(digits)
+            || tail
+                .split_once('r')
+                .is_some_and(|(k, i)| digits(k) && digits(i));
+        (pid, ok)
+    };
+    if tail && digits(pid) {
+        pid.parse().ok()
+    } else {
+        None
+    }
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -221,9 +241,7 @@ pub fn sweep_stale() -> Vec<String> {
                 continue;
             };
             let name = name.split('@').next().unwrap_or(name);
-            if name.starts_with("lk")
-                && owner_pid(name).is_some_and(|p| !pid_alive(p))
-                && ip(&["link", "del", name]).is_ok()
+            if owner_pid(name).is_some_and(|p| !pid_alive(p)) && ip(&["link", "del", name]).is_ok()
             {
                 gone.push(format!("link {name}"));
             }
@@ -268,7 +286,8 @@ struct Member {
 /// The cluster. Everything it created is deleted on drop.
 pub struct NetCluster {
     members: Vec<Member>,
-    /// What to delete on drop, in order (namespaces, then the bridge).
+    /// What to delete on drop, in reverse order of creation (veths before
+    /// their namespaces, the bridge last).
     resources: Vec<Resource>,
     /// The member currently cut off, if any.
     isolated: Mutex<Option<usize>>,
@@ -531,5 +550,30 @@ impl Drop for NetCluster {
             forget(r);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_pid;
+
+    #[test]
+    fn only_names_this_module_creates_carry_an_owner() {
+        for (name, pid) in [
+            ("latchkey-123-0-m2", Some(123)),
+            ("latchkey-123-probe", Some(123)),
+            ("lk123-7b", Some(123)),
+            ("lk123-7r0", Some(123)),
+            ("lk123-pb", Some(123)),
+            ("lk123-pv", Some(123)),
+            ("latchkey-123-other", None),
+            ("latchkey-x-0-m1", None),
+            ("lk123-eth", None),
+            ("lkx-7b", None),
+            ("lk123", None),
+            ("eth0", None),
+        ] {
+            assert_eq!(owner_pid(name), pid, "{name}");
+        }
     }
 }
