@@ -121,7 +121,7 @@ impl RedisBackend {
     /// password fails here.
     pub async fn connect(url: &latchkey_core::BackendUrl) -> Result<RedisBackend> {
         let cfg = Config::from_url(url)?;
-        let conn = Conn::new(cfg.client.clone(), cfg.timeout);
+        let conn = Conn::new(cfg.target.clone(), cfg.timeout);
         // A server that wants credentials accepts the connection and
         // refuses the first command (NOAUTH): find out now, not later.
         let _: String = conn
@@ -131,9 +131,9 @@ impl RedisBackend {
             .await?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
-                notifier: Notifier::new(cfg.client.clone(), cfg.timeout, conn.ops().clone()),
+                notifier: Notifier::new(cfg.target.clone(), cfg.timeout, conn.ops().clone()),
                 conn,
-                layout: Layout::new(&cfg.namespace),
+                layout: Layout::new(&cfg.namespace, cfg.target.is_cluster()),
                 history: cfg.history,
                 local: LocalQueues::new(),
                 groups: Mutex::new(HashMap::new()),

@@ -3,10 +3,12 @@
 //! errors to latchkey's categories.
 
 use latchkey_core::{BackendUrl, Error, Result};
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
-    RedisError,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, RedisFuture, RedisResult, Value,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,37 +26,239 @@ pub const DEFAULT_HISTORY: u64 = 10_000;
 
 /// What a URL asks for.
 pub(crate) struct Config {
-    pub client: Client,
+    pub target: Target,
     pub timeout: Duration,
     pub history: u64,
     pub namespace: String,
 }
 
-impl Config {
-    pub(crate) fn from_url(url: &BackendUrl) -> Result<Config> {
-        let tls = match url.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            _ => return Err(url.invalid("the redis backend handles redis:// and rediss://")),
+/// Where a handle's connections go: one Redis primary, or a Redis Cluster.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// `redis://`, `rediss://`.
+    Single(Client),
+    /// `redis+cluster://`, `rediss+cluster://`.
+    Cluster(Arc<ClusterTarget>),
+}
+
+/// A Redis Cluster: its seed nodes and the two cluster clients built from
+/// them.
+pub(crate) struct ClusterTarget {
+    /// The nodes of the URL, with credentials and TLS settings.
+    seeds: Vec<ConnectionInfo>,
+    /// The CA certificates of `?ca=` (PEM), if any.
+    ca: Option<Vec<u8>>,
+    /// For commands: every reply within the timeout, and no retries by the
+    /// library (see [`Conn::run`]: a library retry after a lost reply would
+    /// run a write twice).
+    commands: ClusterClient,
+    /// For blocking reads of watches: no reply timeout; the library
+    /// follows redirections and retries (every command a watch sends is a
+    /// read or may be repeated).
+    blocking: ClusterClient,
+}
+
+impl ClusterTarget {
+    fn new(
+        seeds: Vec<ConnectionInfo>,
+        ca: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> RedisResult<Self> {
+        let builder = |retries: u32| {
+            let mut b = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(timeout)
+                .retries(retries)
+                // The library's default waits at least 1.28 s before each
+                // retry of TRYAGAIN or CLUSTERDOWN; a slot migration is over
+                // much sooner.
+                .min_retry_wait(10)
+                .max_retry_wait(200);
+            if let Some(pem) = &ca {
+                b = b.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                });
+            }
+            b
         };
-        url.expect_params(&["timeout", "history", "ca"])?;
-        let host = match url.hosts() {
-            [h] => h.clone(),
-            [] => return Err(url.invalid("no host given")),
-            _ => {
-                return Err(
-                    url.invalid("one Redis primary only (Sentinel and Cluster are not supported)")
-                )
+        let commands = builder(0).response_timeout(timeout).build()?;
+        let blocking = builder(16).overall_response_timeout(None).build()?;
+        Ok(ClusterTarget {
+            seeds,
+            ca,
+            commands,
+            blocking,
+        })
+    }
+
+    /// The seed nodes as `(host, port)`.
+    pub(crate) fn seed_addrs(&self) -> Vec<(String, u16)> {
+        self.seeds
+            .iter()
+            .filter_map(|i| match i.addr() {
+                ConnectionAddr::Tcp(h, p)
+                | ConnectionAddr::TcpTls {
+                    host: h, port: p, ..
+                } => Some((h.clone(), *p)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A single-node client of one node of the cluster (pub/sub).
+    pub(crate) fn node_client(&self, host: &str, port: u16) -> RedisResult<Client> {
+        let first = &self.seeds[0];
+        let addr = match first.addr() {
+            ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        let info = addr
+            .into_connection_info()?
+            .set_redis_settings(first.redis_settings().clone());
+        match &self.ca {
+            None => Client::open(info),
+            Some(pem) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+        }
+    }
+
+    /// A blocking (sync) cluster connection, for [`crate::RedisBackend::revoke_lock`].
+    pub(crate) fn sync_connection(&self) -> RedisResult<redis::cluster::ClusterConnection> {
+        self.commands.get_connection()
+    }
+}
+
+impl Target {
+    /// A connection whose replies are awaited at most `response_timeout`
+    /// (`None`: a connection for blocking reads).
+    pub(crate) async fn connect(
+        &self,
+        timeout: Duration,
+        response_timeout: Option<Duration>,
+    ) -> Result<Connection> {
+        let fut = async {
+            match self {
+                Target::Single(client) => {
+                    let cfg = AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(response_timeout);
+                    client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await
+                        .map(Connection::Single)
+                }
+                Target::Cluster(c) => {
+                    let client = if response_timeout.is_some() {
+                        &c.commands
+                    } else {
+                        &c.blocking
+                    };
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(|c| Connection::Cluster(Box::new(c)))
+                }
             }
         };
-        let db: i64 = match url.path().trim_start_matches('/') {
-            "" => 0,
-            p => p
-                .parse()
-                .ok()
-                .filter(|d| *d >= 0)
-                .ok_or_else(|| url.invalid("the path must be a database number, as /0"))?,
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(map_err(&e)),
+            Err(_) => Err(Error::unavailable(
+                NAME,
+                format!("no connection within {timeout:?}"),
+            )),
+        }
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster(_))
+    }
+}
+
+/// A command connection: to the one primary, or to the cluster (which
+/// routes each command by the hash slot of its first key and follows the
+/// slot after redirections). Scripts and commands take either.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    Single(MultiplexedConnection),
+    Cluster(Box<ClusterConnection>),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn tls_provider() {
+    // rustls needs one process-wide crypto provider; if the application
+    // installed one already, that one is used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read_ca(url: &BackendUrl, tls: bool) -> Result<Option<Vec<u8>>> {
+    match url.param("ca") {
+        None => Ok(None),
+        Some(_) if !tls => Err(url.invalid(&format!(
+            "ca= needs {}",
+            if url.scheme().ends_with("+cluster") {
+                "rediss+cluster://"
+            } else {
+                "rediss://"
+            }
+        ))),
+        Some(path) => std::fs::read(path)
+            .map(Some)
+            .map_err(|e| url.invalid(&format!("cannot read the CA file {path:?}: {e}"))),
+    }
+}
+
+impl Config {
+    pub(crate) fn from_url(url: &BackendUrl) -> Result<Config> {
+        let (tls, cluster) = match url.scheme() {
+            "redis" => (false, false),
+            "rediss" => (true, false),
+            "redis+cluster" => (false, true),
+            "rediss+cluster" => (true, true),
+            _ => {
+                return Err(url.invalid(
+                    "the redis backend handles redis://, rediss://, redis+cluster:// and rediss+cluster://",
+                ))
+            }
         };
+        url.expect_params(&["timeout", "history", "ca"])?;
         let timeout = url.param_duration("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
         if timeout.is_zero() {
             return Err(url.invalid("timeout must be longer than zero"));
@@ -67,51 +271,84 @@ impl Config {
                 .filter(|h| *h >= 1)
                 .ok_or_else(|| url.invalid("history must be a positive number of events"))?,
         };
-        let port = host.port.unwrap_or(6379);
         if tls {
-            // rustls needs one process-wide crypto provider; if the
-            // application installed one already, that one is used.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            tls_provider();
         }
-        let addr = if tls {
-            ConnectionAddr::TcpTls {
-                host: host.host.clone(),
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host.host.clone(), port)
-        };
-        let mut redis_info = RedisConnectionInfo::default().set_db(db);
+        let mut redis_info = RedisConnectionInfo::default();
         if let Some(u) = url.username() {
             redis_info = redis_info.set_username(u);
         }
         if let Some(p) = url.password() {
             redis_info = redis_info.set_password(p);
         }
-        let info = addr
-            .into_connection_info()
-            .map_err(|e| url.invalid(&e.to_string()))?
-            .set_redis_settings(redis_info);
-        let client = match url.param("ca") {
-            None => Client::open(info),
-            Some(_) if !tls => return Err(url.invalid("ca= needs rediss://")),
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| url.invalid(&format!("cannot read the CA file {path:?}: {e}")))?;
-                Client::build_with_tls(
+        let info_of = |host: &latchkey_core::url::HostPort, redis_info: RedisConnectionInfo| {
+            let port = host.port.unwrap_or(6379);
+            let addr = if tls {
+                ConnectionAddr::TcpTls {
+                    host: host.host.clone(),
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host.host.clone(), port)
+            };
+            addr.into_connection_info()
+                .map(|i| i.set_redis_settings(redis_info))
+                .map_err(|e| url.invalid(&e.to_string()))
+        };
+        let target = if cluster {
+            if url.hosts().is_empty() {
+                return Err(url.invalid("no host given"));
+            }
+            if !url.path().trim_start_matches('/').is_empty() {
+                return Err(url.invalid(
+                    "a Redis Cluster has only database 0: no /db path in redis+cluster:// URLs",
+                ));
+            }
+            let seeds = url
+                .hosts()
+                .iter()
+                .map(|h| info_of(h, redis_info.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            let ca = read_ca(url, tls)?;
+            Target::Cluster(Arc::new(
+                ClusterTarget::new(seeds, ca, timeout).map_err(|e| url.invalid(&e.to_string()))?,
+            ))
+        } else {
+            let host = match url.hosts() {
+                [h] => h.clone(),
+                [] => return Err(url.invalid("no host given")),
+                _ => {
+                    return Err(url.invalid(
+                        "one Redis primary only (for a Redis Cluster use redis+cluster://; Sentinel is not supported)",
+                    ))
+                }
+            };
+            let db: i64 = match url.path().trim_start_matches('/') {
+                "" => 0,
+                p => p
+                    .parse()
+                    .ok()
+                    .filter(|d| *d >= 0)
+                    .ok_or_else(|| url.invalid("the path must be a database number, as /0"))?,
+            };
+            let info = info_of(&host, redis_info.set_db(db))?;
+            let client = match read_ca(url, tls)? {
+                None => Client::open(info),
+                Some(pem) => Client::build_with_tls(
                     info,
                     redis::TlsCertificates {
                         client_tls: None,
                         root_cert: Some(pem),
                     },
-                )
+                ),
             }
-        }
-        .map_err(|e| url.invalid(&e.to_string()))?;
+            .map_err(|e| url.invalid(&e.to_string()))?;
+            Target::Single(client)
+        };
         Ok(Config {
-            client,
+            target,
             timeout,
             history,
             namespace: url.namespace().to_string(),
@@ -122,6 +359,18 @@ impl Config {
 /// True if the connection a command ran on can no longer be trusted.
 pub(crate) fn is_connection_failure(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
+}
+
+/// True if a cluster refused to run a command without running it: the
+/// slot lives elsewhere (`MOVED`, `ASK`), is being migrated (`TRYAGAIN`),
+/// the cluster is (briefly) down or the node was just demoted
+/// (`CLUSTERDOWN`, `READONLY`), or the client had no connection for the
+/// slot yet. Sending it again is safe, even for a write.
+pub(crate) fn is_redirect(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
+    ) || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
 }
 
 /// Maps a client error to latchkey's categories.
@@ -137,8 +386,16 @@ pub(crate) fn map_err(e: &RedisError) -> Error {
     }
     if matches!(
         code,
-        "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "BUSY"
-    ) {
+        "LOADING"
+            | "MASTERDOWN"
+            | "TRYAGAIN"
+            | "CLUSTERDOWN"
+            | "READONLY"
+            | "BUSY"
+            | "MOVED"
+            | "ASK"
+    ) || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+    {
         return Error::unavailable(NAME, e);
     }
     if is_connection_failure(e) {
@@ -162,11 +419,13 @@ pub(crate) enum Retry {
 }
 
 /// The command connection of a handle: one multiplexed connection shared by
-/// every task, re-established on the next call after it failed.
+/// every task (in a cluster: one cluster connection, which keeps one
+/// multiplexed connection per master), re-established on the next call
+/// after it failed.
 pub(crate) struct Conn {
-    client: Client,
+    target: Target,
     timeout: Duration,
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Connection)>>,
     connecting: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     /// Requests sent by this handle on any of its connections.
@@ -174,9 +433,9 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(client: Client, timeout: Duration) -> Self {
+    pub(crate) fn new(target: Target, timeout: Duration) -> Self {
         Conn {
-            client,
+            target,
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -190,15 +449,15 @@ impl Conn {
         &self.ops
     }
 
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
     }
 
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    fn cached(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn cached(&self) -> Option<(u64, Connection)> {
         self.current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -206,7 +465,7 @@ impl Conn {
     }
 
     /// The live connection, connecting first if there is none.
-    pub(crate) async fn get(&self) -> Result<(u64, MultiplexedConnection)> {
+    pub(crate) async fn get(&self) -> Result<(u64, Connection)> {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
@@ -215,25 +474,10 @@ impl Conn {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let con = match tokio::time::timeout(
-            self.timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&cfg),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(map_err(&e)),
-            Err(_) => {
-                return Err(Error::unavailable(
-                    NAME,
-                    format!("no connection within {:?}", self.timeout),
-                ))
-            }
-        };
+        let con = self
+            .target
+            .connect(self.timeout, Some(self.timeout))
+            .await?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((generation, con.clone()));
@@ -249,26 +493,55 @@ impl Conn {
         }
     }
 
-    /// Runs `f` on the connection, mapping errors; see [`Retry`].
+    /// Whether the connection must be replaced after `e`. A cluster
+    /// connection reconnects to its nodes and refreshes the slot map by
+    /// itself, and knows every node (the URL's seeds may all be gone): it is
+    /// replaced only if its own task ended.
+    fn must_reconnect(&self, e: &RedisError) -> bool {
+        match self.target {
+            Target::Single(_) => true,
+            Target::Cluster(_) => e.to_string().contains("redis_cluster: Unable to"),
+        }
+    }
+
+    /// Runs `f` on the connection, mapping errors; see [`Retry`]. In a
+    /// cluster, a command refused without being run ([`is_redirect`]: a
+    /// slot being migrated or failed over) is sent again, with a short
+    /// back-off, for up to one timeout: the client library refreshes its
+    /// slot map meanwhile. (The library's own retries are off: it would
+    /// also resend a write whose reply was lost.)
     pub(crate) async fn run<T, F, Fut>(&self, retry: Retry, what: &str, f: F) -> Result<T>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let mut attempt = 0;
+        let mut retried = false;
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(5);
         loop {
-            attempt += 1;
             let (generation, con) = self.get().await?;
             self.ops.fetch_add(1, Ordering::Relaxed);
             match f(con).await {
                 Ok(v) => return Ok(v),
+                Err(e) if self.target.is_cluster() && is_redirect(&e) => {
+                    if started.elapsed() + backoff >= self.timeout {
+                        return Err(map_err(&e));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
                 Err(e)
                     if is_connection_failure(&e)
                         && e.kind() != redis::ErrorKind::AuthenticationFailed =>
                 {
-                    self.invalidate(generation);
+                    if self.must_reconnect(&e) {
+                        self.invalidate(generation);
+                    }
                     match retry {
-                        Retry::Safe if attempt == 1 && !e.is_timeout() => continue,
+                        Retry::Safe if !retried && !e.is_timeout() => {
+                            retried = true;
+                            continue;
+                        }
                         Retry::Safe => return Err(map_err(&e)),
                         Retry::Unsafe => {
                             return Err(Error::Indeterminate {

@@ -1,7 +1,7 @@
 //! Where everything of one namespace lives in Redis (see the crate docs for
 //! the table). All keys of a namespace share the hash tag `{<namespace>}`,
-//! so every script touches one hash slot and a later Redis Cluster port needs
-//! no change of layout.
+//! so every script touches one hash slot: on a Redis Cluster a namespace is
+//! one slot.
 
 /// Key names of one namespace.
 #[derive(Clone, Debug)]
@@ -26,10 +26,24 @@ fn escape_tag(ns: &str) -> String {
     out
 }
 
+/// The tag of the empty namespace on a Redis Cluster, where `{}` is no
+/// hash tag (Cluster hashes the whole key when the braces are empty, so the
+/// keys of one namespace would spread over slots and every script would
+/// fail with `CROSSSLOT`). No other namespace escapes to a bare `%`: `%`
+/// itself always becomes `%25`.
+const CLUSTER_EMPTY_TAG: &str = "%";
+
 impl Layout {
-    pub(crate) fn new(namespace: &str) -> Self {
+    /// The layout of `namespace`; `cluster` gives the empty namespace a
+    /// real hash tag (single-node key names stay `latchkey:{}:…`).
+    pub(crate) fn new(namespace: &str, cluster: bool) -> Self {
+        let tag = if namespace.is_empty() && cluster {
+            CLUSTER_EMPTY_TAG.to_string()
+        } else {
+            escape_tag(namespace)
+        };
         Layout {
-            prefix: format!("latchkey:{{{}}}:", escape_tag(namespace)),
+            prefix: format!("latchkey:{{{tag}}}:"),
         }
     }
 
@@ -108,12 +122,24 @@ mod tests {
 
     #[test]
     fn namespaces_never_share_a_prefix() {
-        assert_eq!(Layout::new("ns").lock("x"), "latchkey:{ns}:lock:x");
-        assert_eq!(Layout::new("").lock("x"), "latchkey:{}:lock:x");
+        assert_eq!(Layout::new("ns", false).lock("x"), "latchkey:{ns}:lock:x");
+        assert_eq!(Layout::new("", false).lock("x"), "latchkey:{}:lock:x");
         // Without escaping, namespace "a}:kv:b" would collide with "a".
-        let a = Layout::new("a").kv("b}:kv:c");
-        let b = Layout::new("a}:kv:b").kv("c");
+        let a = Layout::new("a", false).kv("b}:kv:c");
+        let b = Layout::new("a}:kv:b", false).kv("c");
         assert_ne!(a, b);
-        assert_eq!(Layout::new("a{b}%").rev(), "latchkey:{a%7Bb%7D%25}:rev");
+        assert_eq!(
+            Layout::new("a{b}%", false).rev(),
+            "latchkey:{a%7Bb%7D%25}:rev"
+        );
+    }
+
+    #[test]
+    fn cluster_keys_of_the_empty_namespace_share_a_tag() {
+        assert_eq!(Layout::new("", true).lock("x"), "latchkey:{%}:lock:x");
+        assert_eq!(Layout::new("ns", true).lock("x"), "latchkey:{ns}:lock:x");
+        // No namespace escapes to the reserved tag.
+        assert_ne!(Layout::new("%", true).rev(), Layout::new("", true).rev());
+        assert_eq!(Layout::new("%", true).rev(), "latchkey:{%25}:rev");
     }
 }

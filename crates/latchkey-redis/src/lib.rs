@@ -151,11 +151,12 @@ use latchkey_core::{Backend, BackendUrl, Result};
 use std::sync::Arc;
 
 /// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["redis", "rediss"];
+pub const SCHEMES: &[&str] = &["redis", "rediss", "redis+cluster", "rediss+cluster"];
 
-/// Opens a handle for a `redis://` or `rediss://` URL. Connects before it
-/// returns: an unreachable server is `Unavailable`, refused credentials
-/// `Auth`, a bad URL `InvalidUrl`.
+/// Opens a handle for a `redis://`, `rediss://`, `redis+cluster://` or
+/// `rediss+cluster://` URL. Connects before it returns: an unreachable
+/// server is `Unavailable`, refused credentials `Auth`, a bad URL
+/// `InvalidUrl`.
 pub async fn connect(url: BackendUrl) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(RedisBackend::connect(&url).await?))
 }

@@ -5,7 +5,7 @@
 //! [`RenewalGroup`]. See the `ACQUIRE` script for the queue's rules.
 
 use crate::backend::{ttl_ms, RedisBackend, Shared};
-use crate::conn::Retry;
+use crate::conn::{Retry, Target};
 use crate::notify::Subscription;
 use crate::scripts::scripts;
 use async_trait::async_trait;
@@ -226,30 +226,18 @@ impl RedisBackend {
     pub fn revoke_lock(&self, name: &str) -> Result<bool> {
         validate::lock_name(name)?;
         let timeout = self.shared.conn.timeout();
-        let mut con = self
-            .shared
-            .conn
-            .client()
-            .get_connection_with_timeout(timeout)
-            .map_err(|e| crate::conn::map_err(&e))?;
-        let _ = con.set_read_timeout(Some(timeout));
-        let l = &self.shared.layout;
-        let deleted: i64 = redis::cmd("DEL")
-            .arg(l.lock(name))
-            .query(&mut con)
-            .map_err(|e| crate::conn::map_err(&e))?;
-        // Wake the head of the queue, if any (nobody owns "": the script
-        // only finds the lock free and tells the head).
-        let _: i64 = scripts()
-            .leave
-            .key(l.lock(name))
-            .key(l.queue(name))
-            .key(l.waiters(name))
-            .arg("")
-            .arg(l.released(name))
-            .invoke(&mut con)
-            .map_err(|e| crate::conn::map_err(&e))?;
-        Ok(deleted == 1)
+        let map = |e: redis::RedisError| crate::conn::map_err(&e);
+        match self.shared.conn.target() {
+            Target::Single(client) => {
+                let mut con = client.get_connection_with_timeout(timeout).map_err(map)?;
+                let _ = con.set_read_timeout(Some(timeout));
+                revoke(&self.shared.layout, name, &mut con).map_err(map)
+            }
+            Target::Cluster(c) => {
+                let mut con = c.sync_connection().map_err(map)?;
+                revoke(&self.shared.layout, name, &mut con).map_err(map)
+            }
+        }
     }
 
     /// Number of release channels this handle listens on: one per lock
@@ -306,6 +294,25 @@ impl DistributedLock for RedisBackend {
             Attempt::Wait(_) => Ok(None),
         }
     }
+}
+
+/// `DEL` of the lock key, then the `leave` script so the head of the queue
+/// learns that the lock is free (nobody owns "").
+fn revoke(
+    l: &crate::layout::Layout,
+    name: &str,
+    con: &mut impl redis::ConnectionLike,
+) -> redis::RedisResult<bool> {
+    let deleted: i64 = redis::cmd("DEL").arg(l.lock(name)).query(con)?;
+    let _: i64 = scripts()
+        .leave
+        .key(l.lock(name))
+        .key(l.queue(name))
+        .key(l.waiters(name))
+        .arg("")
+        .arg(l.released(name))
+        .invoke(con)?;
+    Ok(deleted == 1)
 }
 
 /// Renews every lock of one handle with one TTL in one script call.

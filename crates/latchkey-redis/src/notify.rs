@@ -7,12 +7,26 @@
 //! Pub/sub is fire-and-forget (a message published while the connection
 //! was down is gone, and a TTL expiry publishes nothing), so every wait is
 //! also bounded by the holder's remaining PTTL.
+//!
+//! On a Redis Cluster the scripts `PUBLISH` as on one server, and Redis
+//! Cluster forwards every classic `PUBLISH` to every node over its bus, so
+//! the handle subscribes on any one node. When that node dies the reader
+//! ends, every waiter re-checks its lock, and the next subscription goes
+//! to the next node the handle knows (the URL's seeds, plus the nodes the
+//! last node listed in `CLUSTER NODES`). Sharded pub/sub (`SPUBLISH`,
+//! Redis 7) would keep the message on the namespace's shard, but the client
+//! library offers it only on RESP3 cluster connections, whose pushes come
+//! back on one channel for the whole connection and are re-subscribed by
+//! the library at its own pace; a plain pub/sub connection to one node
+//! keeps the "confirmed before the next attempt" rule above simple, and
+//! works with Redis 6 as well. The price: each release message crosses the
+//! cluster bus to every node.
 
-use crate::conn::{map_err, NAME};
+use crate::conn::{map_err, ClusterTarget, Target, NAME};
 use futures::StreamExt;
 use latchkey_core::{Error, Result};
-use redis::aio::PubSubSink;
-use redis::Client;
+use redis::aio::{PubSub, PubSubSink};
+use redis::AsyncConnectionConfig;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,7 +61,10 @@ impl ConnState {
 }
 
 struct Inner {
-    client: Client,
+    target: Target,
+    /// Cluster nodes to subscribe on, in the order to try them (rotated
+    /// past a node that failed).
+    nodes: Mutex<Vec<(String, u16)>>,
     timeout: Duration,
     ops: Arc<AtomicU64>,
     /// Serialises (re)connecting, subscribing and unsubscribing, so an
@@ -79,10 +96,15 @@ fn channels(
 }
 
 impl Notifier {
-    pub(crate) fn new(client: Client, timeout: Duration, ops: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(target: Target, timeout: Duration, ops: Arc<AtomicU64>) -> Self {
+        let nodes = match &target {
+            Target::Single(_) => Vec::new(),
+            Target::Cluster(c) => c.seed_addrs(),
+        };
         Notifier {
             inner: Arc::new(Inner {
-                client,
+                target,
+                nodes: Mutex::new(nodes),
                 timeout,
                 ops,
                 conn: tokio::sync::Mutex::new(ConnState::default()),
@@ -153,17 +175,7 @@ impl Inner {
     }
 
     async fn connect(self: &Arc<Self>, st: &mut ConnState) -> Result<()> {
-        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(map_err(&e)),
-            Err(_) => {
-                return Err(Error::unavailable(
-                    NAME,
-                    format!("no pub/sub connection within {:?}", self.timeout),
-                ))
-            }
-        };
+        let pubsub = self.open().await?;
         let (sink, mut stream) = pubsub.split();
         let generation = st.generation + 1;
         let map = self.channels.clone();
@@ -192,6 +204,121 @@ impl Inner {
         st.sink = Some(sink);
         st.reader = Some(reader.abort_handle());
         Ok(())
+    }
+}
+
+/// The addresses of the nodes a `CLUSTER NODES` reply lists as reachable.
+fn parse_cluster_nodes(text: &str) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_id), Some(addr), Some(flags)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if flags
+            .split(',')
+            .any(|fl| matches!(fl, "fail" | "fail?" | "noaddr" | "handshake"))
+        {
+            continue;
+        }
+        // `ip:port@cport[,hostname]`
+        let hp = addr.split(['@', ',']).next().unwrap_or("");
+        let Some((host, port)) = hp.rsplit_once(':') else {
+            continue;
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            continue;
+        }
+        out.push((host.to_string(), port));
+    }
+    out
+}
+
+impl Inner {
+    /// A pub/sub connection: to the server, or to one node of the cluster.
+    async fn open(&self) -> Result<PubSub> {
+        let timeout = self.timeout;
+        let cluster = match &self.target {
+            Target::Single(client) => {
+                return match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
+                    Ok(Ok(p)) => Ok(p),
+                    Ok(Err(e)) => Err(map_err(&e)),
+                    Err(_) => Err(Error::unavailable(
+                        NAME,
+                        format!("no pub/sub connection within {timeout:?}"),
+                    )),
+                };
+            }
+            Target::Cluster(c) => c.clone(),
+        };
+        let candidates = self
+            .nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut last = Error::unavailable(NAME, "no cluster node to subscribe on");
+        for (n, (host, port)) in candidates.iter().enumerate() {
+            match tokio::time::timeout(timeout, self.open_on(&cluster, host, *port)).await {
+                Ok(Ok((pubsub, listed))) => {
+                    let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+                    // Next time start with the node that worked, then the
+                    // ones it listed, then the seeds.
+                    let mut next = vec![(host.clone(), *port)];
+                    for a in listed.into_iter().chain(cluster.seed_addrs()) {
+                        if !next.contains(&a) {
+                            next.push(a);
+                        }
+                    }
+                    *nodes = next;
+                    return Ok(pubsub);
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = Error::unavailable(
+                        NAME,
+                        format!("no pub/sub connection to {host}:{port} within {timeout:?}"),
+                    )
+                }
+            }
+            // Put the node that failed last, so the next try starts
+            // elsewhere.
+            let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(pos) = nodes.iter().position(|a| a == &candidates[n]) {
+                let a = nodes.remove(pos);
+                nodes.push(a);
+            }
+        }
+        Err(last)
+    }
+
+    /// Subscribes on one cluster node; also returns the nodes it lists.
+    async fn open_on(
+        &self,
+        cluster: &ClusterTarget,
+        host: &str,
+        port: u16,
+    ) -> Result<(PubSub, Vec<(String, u16)>)> {
+        let client = cluster.node_client(host, port).map_err(|e| map_err(&e))?;
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| map_err(&e))?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| map_err(&e))?;
+        drop(con);
+        let pubsub = client.get_async_pubsub().await.map_err(|e| map_err(&e))?;
+        Ok((pubsub, parse_cluster_nodes(&text)))
     }
 }
 
@@ -272,5 +399,27 @@ impl Drop for Subscription {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cluster_nodes_lists_reachable_nodes() {
+        let text = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,host-b master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 0 3 connected 10923-16383
+d4 :0@0 slave,noaddr c3 0 0 3 disconnected
+e5 ::1:7005@17005 slave a1 0 0 1 connected
+";
+        assert_eq!(
+            super::parse_cluster_nodes(text),
+            vec![
+                ("127.0.0.1".to_string(), 7001),
+                ("127.0.0.1".to_string(), 7002),
+                ("::1".to_string(), 7005),
+            ]
+        );
     }
 }

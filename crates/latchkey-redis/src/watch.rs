@@ -14,14 +14,13 @@
 //! history that was trimmed under it: a revision it expected is missing.
 
 use crate::backend::Shared;
-use crate::conn::{is_connection_failure, map_err, NAME};
+use crate::conn::{is_connection_failure, is_redirect, map_err, Connection, Target, NAME};
 use crate::scripts::scripts;
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{Error, EventKind, Result, Revision, WatchEvent, WatchStream};
-use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::Value;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,10 +37,10 @@ const BATCH: usize = 512;
 const NO_TTL_KEYS: Duration = Duration::from_secs(3600);
 
 struct State {
-    client: Client,
+    target: Target,
     ops: Arc<AtomicU64>,
     timeout: Duration,
-    con: Option<MultiplexedConnection>,
+    con: Option<Connection>,
     rev_key: String,
     log_key: String,
     epoch_key: String,
@@ -66,23 +65,12 @@ struct State {
     done: bool,
 }
 
-async fn blocking_connection(client: &Client, timeout: Duration) -> Result<MultiplexedConnection> {
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(None);
-    match tokio::time::timeout(
-        timeout,
-        client.get_multiplexed_async_connection_with_config(&cfg),
-    )
-    .await
-    {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(map_err(&e)),
-        Err(_) => Err(Error::unavailable(
-            NAME,
-            format!("no connection for a watch within {timeout:?}"),
-        )),
-    }
+/// A connection of the watch's own, without a reply timeout (the blocking
+/// `XREAD` would trip it). On a cluster it is a cluster connection of its
+/// own: it sends the `XREAD` to the master of the namespace's slot and
+/// follows the slot after a migration (`MOVED`/`ASK`) or a failover.
+async fn blocking_connection(target: &Target, timeout: Duration) -> Result<Connection> {
+    target.connect(timeout, None).await
 }
 
 fn new_epoch() -> String {
@@ -92,7 +80,7 @@ fn new_epoch() -> String {
 
 /// `{current revision, highest trimmed revision, epoch}`.
 async fn start_point(
-    con: &mut MultiplexedConnection,
+    con: &mut Connection,
     keys: [&str; 3],
     timeout: Duration,
 ) -> Result<(Revision, Revision, String)> {
@@ -109,9 +97,9 @@ pub(crate) async fn open(
     prefix: &str,
     from: Option<Revision>,
 ) -> Result<WatchStream> {
-    let client = shared.conn.client().clone();
+    let target = shared.conn.target().clone();
     let timeout = shared.conn.timeout();
-    let mut con = blocking_connection(&client, timeout).await?;
+    let mut con = blocking_connection(&target, timeout).await?;
     let (rev_key, log_key, epoch_key) = (
         shared.layout.rev(),
         shared.layout.log(),
@@ -137,7 +125,7 @@ pub(crate) async fn open(
         format!("{}-{}", start - 1, u64::MAX)
     };
     let mut state = State {
-        client,
+        target,
         ops: shared.conn.ops().clone(),
         timeout,
         con: Some(con),
@@ -222,7 +210,7 @@ impl State {
         let read = cmd.query_async::<Option<StreamReadReply>>(con);
         let reply = match tokio::time::timeout(BLOCK + self.timeout, read).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) if is_connection_failure(&e) => {
+            Ok(Err(e)) if is_connection_failure(&e) || is_redirect(&e) => {
                 self.con = None;
                 return Ok(());
             }
@@ -288,7 +276,7 @@ impl State {
         // ending the watch with the error.
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut con = loop {
-            match blocking_connection(&self.client, self.timeout).await {
+            match blocking_connection(&self.target, self.timeout).await {
                 Ok(c) => break c,
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
