@@ -1,0 +1,419 @@
+//! Redis Cluster behaviour against a real 3-master cluster (the testkit's
+//! shared one, or `LATCHKEY_TEST_REDIS_CLUSTER_URL`): URL validation, the
+//! spread of namespaces over the masters (a namespace is one hash slot),
+//! the empty namespace, and a slot migration of a live namespace under a
+//! lock, fenced-counter, transaction and watch workload.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use latchkey_conformance::checkers::{check_exclusion, Clock, Holding};
+use latchkey_core::{
+    BackendUrl, CmpOp, Compare, DistributedLock, Error, EventKind, KvStore, ListOptions,
+    LockOptions, Op, PutOptions, Txn, TxnRequest,
+};
+use latchkey_redis::RedisBackend;
+use latchkey_testkit::unique_namespace;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn cluster_url() -> String {
+    std::env::var("LATCHKEY_TEST_REDIS_CLUSTER_URL").expect("LATCHKEY_TEST_REDIS_CLUSTER_URL")
+}
+
+fn url(base: &str, params: &str) -> BackendUrl {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    BackendUrl::parse(&format!("{base}{sep}{params}")).expect("test URL")
+}
+
+async fn open(ns: &str) -> RedisBackend {
+    RedisBackend::connect(&url(&cluster_url(), &format!("namespace={ns}")))
+        .await
+        .expect("connect to the cluster")
+}
+
+/// `host:port` of the URL's first node.
+fn first_node() -> String {
+    let u = cluster_url();
+    let rest = u.split("://").nth(1).expect("scheme");
+    let rest = rest.rsplit('@').next().unwrap();
+    rest.split(['/', '?', ',']).next().unwrap().to_string()
+}
+
+fn node_con(addr: &str) -> redis::Connection {
+    redis::Client::open(format!("redis://{addr}"))
+        .expect("node client")
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .expect("node connection")
+}
+
+/// A master of the cluster: id, `host:port`, its slot ranges.
+#[derive(Clone, Debug)]
+struct Master {
+    id: String,
+    addr: String,
+    slots: Vec<(u16, u16)>,
+}
+
+fn masters() -> Vec<Master> {
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query(&mut node_con(&first_node()))
+        .expect("CLUSTER NODES");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || !f[2].split(',').any(|x| x == "master") || f[2].contains("fail") {
+            continue;
+        }
+        let addr = f[1].split('@').next().unwrap().to_string();
+        let slots = f[8..]
+            .iter()
+            .filter(|s| !s.starts_with('['))
+            .map(|s| match s.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                None => (s.parse().unwrap(), s.parse().unwrap()),
+            })
+            .collect();
+        out.push(Master {
+            id: f[0].to_string(),
+            addr,
+            slots,
+        });
+    }
+    out
+}
+
+fn keyslot(key: &str) -> u16 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(&mut node_con(&first_node()))
+        .expect("CLUSTER KEYSLOT")
+}
+
+fn owner(masters: &[Master], slot: u16) -> &Master {
+    masters
+        .iter()
+        .find(|m| m.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .expect("every slot has an owner")
+}
+
+/// Moves `slot` to master `to` the way `redis-cli --cluster reshard` does:
+/// IMPORTING/MIGRATING, `MIGRATE` of every key in batches, then `SETSLOT
+/// NODE` on every master.
+fn migrate_slot(slot: u16, to: &Master) {
+    let ms = masters();
+    let from = owner(&ms, slot).clone();
+    assert_ne!(from.id, to.id, "slot {slot} is already on {}", to.addr);
+    let mut src = node_con(&from.addr);
+    let mut dst = node_con(&to.addr);
+    let setslot = |con: &mut redis::Connection, args: &[&str]| {
+        let mut c = redis::cmd("CLUSTER");
+        c.arg("SETSLOT").arg(slot);
+        for a in args {
+            c.arg(*a);
+        }
+        let _: () = c.query(con).expect("CLUSTER SETSLOT");
+    };
+    setslot(&mut dst, &["IMPORTING", &from.id]);
+    setslot(&mut src, &["MIGRATING", &to.id]);
+    let (host, port) = to.addr.rsplit_once(':').unwrap();
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut src)
+            .expect("GETKEYSINSLOT");
+        if keys.is_empty() {
+            break;
+        }
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg(host)
+            .arg(port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut src)
+            .expect("MIGRATE");
+    }
+    setslot(&mut dst, &["NODE", &to.id]);
+    setslot(&mut src, &["NODE", &to.id]);
+    for m in ms.iter().filter(|m| m.id != from.id && m.id != to.id) {
+        setslot(&mut node_con(&m.addr), &["NODE", &to.id]);
+    }
+}
+
+#[tokio::test]
+async fn cluster_urls_are_validated_before_any_io() {
+    let bad = [
+        ("redis+cluster://127.0.0.1:1/0", "database"),
+        (
+            "redis+cluster://127.0.0.1:1?ca=/nonexistent",
+            "ca= needs rediss+cluster://",
+        ),
+        ("redis+cluster://127.0.0.1:1?bogus=1", "bogus"),
+        ("redis+cluster://127.0.0.1:1?timeout=0s", "timeout"),
+        ("redis+cluster://127.0.0.1:1?history=0", "history"),
+        (
+            "rediss+cluster://127.0.0.1:1?ca=/nonexistent/ca.pem",
+            "CA file",
+        ),
+        ("redis://127.0.0.1:1,127.0.0.1:2", "redis+cluster://"),
+    ];
+    for (u, why) in bad {
+        let parsed = BackendUrl::parse(u).expect("parses as a URL");
+        match RedisBackend::connect(&parsed).await {
+            Err(Error::InvalidUrl { .. }) => {}
+            Err(e) => panic!("{u}: expected InvalidUrl ({why}), got {e}"),
+            Ok(_) => panic!("{u}: accepted"),
+        }
+        let text = RedisBackend::connect(&parsed)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains(why), "{u}: {text:?} should say {why:?}");
+    }
+    // Several seeds, a user and a password are fine (nobody listens on
+    // these ports: Unavailable, not InvalidUrl), and the password is never
+    // shown.
+    let u = BackendUrl::parse("redis+cluster://u:s3cret@127.0.0.1:1,127.0.0.1:2?timeout=300ms")
+        .unwrap();
+    match RedisBackend::connect(&u).await {
+        Err(e @ Error::Unavailable { .. }) => {
+            assert!(!e.to_string().contains("s3cret"), "{e}")
+        }
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
+
+#[tokio::test]
+async fn namespaces_spread_over_the_masters() {
+    let ms = masters();
+    assert_eq!(ms.len(), 3, "a 3-master cluster: {ms:?}");
+    let base = unique_namespace("spread");
+    let mut used = BTreeSet::new();
+    for n in 0..32 {
+        let ns = format!("{base}-{n}");
+        let h = open(&ns).await;
+        h.put("k", Bytes::from("v"), PutOptions::default())
+            .await
+            .unwrap();
+        let g = h
+            .lock("l", LockOptions::ttl(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        // Every key of the namespace is in one slot ...
+        let slot = keyslot(&h.kv_key("k"));
+        assert_eq!(keyslot(&h.lock_key("l")), slot);
+        assert_eq!(keyslot(&h.fence_key("l")), slot);
+        // ... on the master that owns it.
+        let m = owner(&ms, slot);
+        let mut con = node_con(&m.addr);
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(h.kv_key("k"))
+            .arg(h.lock_key("l"))
+            .arg(h.fence_key("l"))
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(n, 3, "namespace {ns} lives on {}", m.addr);
+        used.insert(m.id.clone());
+        g.release().await.unwrap();
+    }
+    assert_eq!(used.len(), 3, "32 namespaces use every master");
+}
+
+#[tokio::test]
+async fn empty_namespace_works_on_a_cluster() {
+    let h = RedisBackend::connect(&BackendUrl::parse(&cluster_url()).unwrap())
+        .await
+        .unwrap();
+    let k = unique_namespace("empty-ns");
+    assert_eq!(h.lock_key(&k), format!("latchkey:{{%}}:lock:{k}"));
+    let mut w = h.watch(&format!("{k}/"), None).await.unwrap();
+    let r1 = h
+        .put(&format!("{k}/a"), Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    let out = h
+        .txn(
+            TxnRequest::new()
+                .when([Compare::revision(format!("{k}/a"), CmpOp::Equal, r1)])
+                .then([Op::put(format!("{k}/b"), "2"), Op::delete(format!("{k}/a"))]),
+        )
+        .await
+        .unwrap();
+    assert!(out.succeeded);
+    let list = h
+        .list(&format!("{k}/"), ListOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        list.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        vec![format!("{k}/b").as_str()]
+    );
+    let g = h
+        .lock(&k, LockOptions::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(g.fencing_token() >= 1);
+    g.release().await.unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("a watch event")
+            .unwrap()
+            .unwrap();
+        kinds.push((ev.kind, ev.key));
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::Put, format!("{k}/a")),
+            (EventKind::Put, format!("{k}/b")),
+            (EventKind::Delete, format!("{k}/a")),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_migration_during_locks_txns_and_a_watch() {
+    let ns = unique_namespace("migrate");
+    let writer = Arc::new(open(&ns).await);
+    let slot = keyslot(&writer.lock_key("w"));
+    let mut events = writer.watch("ev/", None).await.unwrap();
+
+    const TASKS: usize = 6;
+    const ROUNDS: usize = 15;
+    const WRITES: usize = 90;
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(Arc::new(open(&ns).await));
+    }
+    let clock = Clock::new();
+    let history = Arc::new(Mutex::new(Vec::<Holding>::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (h, history, done) = (handles[t % 3].clone(), history.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let opts =
+                    LockOptions::ttl(Duration::from_secs(5)).with_wait(Duration::from_secs(30));
+                let g = h.lock("w", opts).await.expect("lock");
+                let acquired = clock.now();
+                let n: u64 = h.get("counter").await.expect("get").map_or(0, |kv| {
+                    std::str::from_utf8(&kv.value).unwrap().parse().unwrap()
+                });
+                let out = h
+                    .txn(
+                        TxnRequest::new()
+                            .when([Compare::held(&g)])
+                            .then([Op::put("counter", (n + 1).to_string())]),
+                    )
+                    .await
+                    .expect("fenced increment");
+                assert!(out.succeeded, "the holder's fenced write commits");
+                let released = clock.now();
+                assert!(!g.is_lost(), "a holding was lost during the migration");
+                let token = g.fencing_token();
+                g.release().await.expect("release");
+                history.lock().unwrap().push(Holding {
+                    lock: "w".into(),
+                    client: t,
+                    token,
+                    acquired,
+                    released,
+                });
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let w = writer.clone();
+    let writes = tokio::spawn(async move {
+        for i in 0..WRITES {
+            w.put(
+                &format!("ev/{i:04}"),
+                Bytes::from(i.to_string()),
+                PutOptions::if_absent(),
+            )
+            .await
+            .expect("put");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+
+    // Move the namespace's slot around the cluster three times while the
+    // workload runs, each after some progress.
+    let ms = masters();
+    let mut migrations = 0;
+    let mut at = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while migrations < 3 {
+        let progress = done.load(Ordering::SeqCst);
+        if progress >= at + 8 {
+            let cur = owner(&masters(), slot).id.clone();
+            let to = ms.iter().find(|m| m.id != cur).unwrap().clone();
+            tokio::task::spawn_blocking(move || migrate_slot(slot, &to))
+                .await
+                .unwrap();
+            migrations += 1;
+            at = done.load(Ordering::SeqCst);
+            eprintln!("migration {migrations} after {at} holdings");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress before migration {}",
+            migrations + 1
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("the lock workload completes")
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), writes)
+        .await
+        .expect("the writer completes")
+        .unwrap();
+    let history = history.lock().unwrap().clone();
+    assert_eq!(history.len(), TASKS * ROUNDS);
+    check_exclusion(&history).unwrap_or_else(|v| panic!("two holders at once: {v:?}"));
+    let tokens: BTreeSet<u64> = history.iter().map(|h| h.token).collect();
+    assert_eq!(tokens.len(), TASKS * ROUNDS, "no fencing token repeats");
+    let counter = writer.get("counter").await.unwrap().unwrap();
+    assert_eq!(
+        std::str::from_utf8(&counter.value).unwrap(),
+        (TASKS * ROUNDS).to_string(),
+        "every fenced increment counted once"
+    );
+
+    // The watch saw every create exactly once, in revision order.
+    let mut seen = BTreeMap::new();
+    let mut last = 0;
+    while seen.len() < WRITES {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the watch keeps delivering across the migrations")
+            .expect("the watch stays open")
+            .expect("no watch error");
+        assert!(ev.revision > last, "revisions increase");
+        last = ev.revision;
+        assert_eq!(ev.kind, EventKind::Put);
+        assert!(
+            seen.insert(ev.key.clone(), ev.value).is_none(),
+            "{} twice",
+            ev.key
+        );
+    }
+}
