@@ -42,8 +42,8 @@ pub(crate) struct Shared {
     pub groups: Mutex<HashMap<Duration, Arc<RenewalGroup>>>,
 }
 
-/// One client handle of a Redis server in one namespace: one multiplexed
-/// command connection, plus one pub/sub connection while a lock waiter
+/// One client handle of a Redis server (or cluster) in one namespace: one
+/// multiplexed command connection (on a cluster: one per master), plus one pub/sub connection while a lock waiter
 /// waits, plus one connection per open watch. Any number of locks, held or
 /// awaited, share these.
 ///
@@ -116,8 +116,8 @@ fn parse_get(key: &str, v: &Value) -> Result<Option<KeyValue>> {
 }
 
 impl RedisBackend {
-    /// Opens a handle for a `redis://` or `rediss://` URL (see the crate
-    /// docs for the parameters). Connects at once, so a wrong address or
+    /// Opens a handle for a `redis://`, `rediss://`, `redis+cluster://` or
+    /// `rediss+cluster://` URL (see the crate docs for the parameters). Connects at once, so a wrong address or
     /// password fails here.
     pub async fn connect(url: &latchkey_core::BackendUrl) -> Result<RedisBackend> {
         let cfg = Config::from_url(url)?;
@@ -501,8 +501,11 @@ impl Backend for RedisBackend {
         // read; a failover to one may lose acknowledged writes, see below.)
         c.linearizable_reads = true;
         // Counters and data live in memory: a restart without
-        // `appendfsync always`, or a failover, loses them, and tokens and
-        // revisions can then repeat.
+        // `appendfsync always`, or a failover (Sentinel, or a replica
+        // promoted in a Redis Cluster: replication is asynchronous), loses
+        // them, and tokens and revisions can then repeat. On a cluster
+        // every other capability is the same: a namespace is one slot, so
+        // each script still runs on one master.
         c.durable_fencing = false;
         c.durable_writes = false;
         c

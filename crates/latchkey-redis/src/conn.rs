@@ -36,7 +36,7 @@ pub(crate) struct Config {
 #[derive(Clone)]
 pub(crate) enum Target {
     /// `redis://`, `rediss://`.
-    Single(Client),
+    Single(Box<Client>),
     /// `redis+cluster://`, `rediss+cluster://`.
     Cluster(Arc<ClusterTarget>),
 }
@@ -345,7 +345,7 @@ impl Config {
                 ),
             }
             .map_err(|e| url.invalid(&e.to_string()))?;
-            Target::Single(client)
+            Target::Single(Box::new(client))
         };
         Ok(Config {
             target,

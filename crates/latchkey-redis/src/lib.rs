@@ -1,7 +1,7 @@
 //! # latchkey-redis
 //!
-//! latchkey on one Redis primary (written for Redis 6.0+, tested with
-//! 7.0): the KV store
+//! latchkey on one Redis primary or on a Redis Cluster (written for Redis
+//! 6.0+, tested with 7.0): the KV store
 //! with revisions, prefix lists, watches and transactions, and locks with
 //! fencing tokens. **Redis is the fast, simple choice, not the safest**:
 //! see [What Redis cannot promise](#what-redis-cannot-promise).
@@ -28,6 +28,7 @@
 //!
 //! ACL users work with `user:password@`; a password alone authenticates
 //! as `default`. Wrong credentials are [`Error::Auth`](latchkey_core::Error::Auth).
+//! For a Redis Cluster see [Redis Cluster](#redis-cluster).
 //!
 //! ## Connections
 //!
@@ -44,9 +45,10 @@
 //! ## Key layout
 //!
 //! All keys of namespace `ns` share the hash tag `{ns}` (with `%`, `{`, `}`
-//! escaped as `%25`, `%7B`, `%7D`), so each script touches one hash slot
-//! and a Redis Cluster port needs no new layout (the empty namespace's tag
-//! `{}` is not a hash tag to Cluster; give a namespace there).
+//! escaped as `%25`, `%7B`, `%7D`), so each script touches one hash slot.
+//! On a Redis Cluster the empty namespace uses the tag `{%}` instead of
+//! `{}` (which Cluster does not treat as a hash tag); no other namespace
+//! can produce `{%}`, since `%` is always escaped.
 //!
 //! | Redis key | type | holds |
 //! |---|---|---|
@@ -133,6 +135,66 @@
 //!   only as durable as the server's data.
 //!
 //! Use etcd or ZooKeeper where a lock must survive a crash of the server.
+//!
+//! ## Redis Cluster
+//!
+//! ```no_run
+//! # async fn demo() -> latchkey_core::Result<()> {
+//! let url = latchkey_core::BackendUrl::parse(
+//!     "redis+cluster://10.0.0.1:6379,10.0.0.2:6379?namespace=app",
+//! )?;
+//! let backend = latchkey_redis::connect(url).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! `redis+cluster://[user[:password]@]host:port[,host:port…]` and
+//! `rediss+cluster://…` (TLS) take the same parameters as a single server
+//! (`namespace`, `timeout`, `history`, `ca`) and no `/db` path (a cluster
+//! has only database 0). The hosts are seeds: any reachable one is enough,
+//! the client learns the rest of the cluster from it. Everything above
+//! holds unchanged; what differs:
+//!
+//! - **A namespace is one hash slot, the unit of sharding.** Every key of a
+//!   namespace carries its hash tag, so every script (each write, each
+//!   transaction, each lock operation) runs on the one master that owns the
+//!   slot, atomically, and any transaction within a namespace works. One
+//!   namespace's throughput is therefore bounded by one master: spread load
+//!   over several namespaces (they land on different masters), not over
+//!   keys of one namespace.
+//! - **Connections**: the command connection is a cluster connection (one
+//!   multiplexed connection per master), routed by slot. When a slot moves
+//!   (resharding) or fails over, the cluster answers `MOVED`, `ASK`,
+//!   `TRYAGAIN`, `CLUSTERDOWN` or `READONLY` without running the command;
+//!   the adapter sends it again, with a short back-off, for up to one
+//!   `timeout`, while the client library refreshes its slot map, so a
+//!   migration is invisible to the caller. The library's own retries are
+//!   off, because it would also resend a write whose reply was lost: such a
+//!   write is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate)
+//!   as on one server. Scripts are loaded on every master on `NOSCRIPT`
+//!   (after a failover or a migration to a node that never ran them).
+//! - **Watches** each get a cluster connection of their own, without reply
+//!   timeout, which sends the blocking `XREAD` to the master of the slot and
+//!   follows the slot after a migration or failover.
+//! - **Lock hand-off** uses classic pub/sub: Redis Cluster forwards every
+//!   `PUBLISH` to every node, so a handle subscribes on any one node (one
+//!   pub/sub connection per handle, as on one server). If that node dies,
+//!   its waiters re-check their locks and subscribe on the next node the
+//!   handle knows (the seeds and the nodes listed by the last one). Sharded
+//!   pub/sub (`SSUBSCRIBE`, Redis 7) would keep messages on the slot's
+//!   shard, but the client library offers it only on RESP3 cluster
+//!   connections that re-subscribe at their own pace, which breaks the
+//!   "subscribed before the next attempt" rule the queue relies on; the
+//!   price of the broadcast is one bus message per node per release. The
+//!   bounded wait covers any message lost meanwhile.
+//! - **What a cluster cannot promise** (on top of the list above):
+//!   replication to replicas is asynchronous, so when a master fails and a
+//!   replica is promoted, writes acknowledged by the old master but not yet
+//!   replicated are gone: values, held locks (a second holder can acquire),
+//!   fencing-counter and revision increments (tokens and revisions can
+//!   repeat). `durable_writes` and `durable_fencing` stay `false`. A master
+//!   cut off from the majority keeps serving reads and writes until
+//!   `cluster-node-timeout` passes, so reads are linearizable only outside
+//!   such a window. Revisions remain per namespace, as on one server.
 
 #![deny(missing_docs)]
 
