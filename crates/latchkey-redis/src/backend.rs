@@ -43,9 +43,9 @@ pub(crate) struct Shared {
 }
 
 /// One client handle of a Redis server (or cluster) in one namespace: one
-/// multiplexed command connection (on a cluster: one per master), plus one pub/sub connection while a lock waiter
-/// waits, plus one connection per open watch. Any number of locks, held or
-/// awaited, share these.
+/// multiplexed command connection (on a cluster: one per master), plus one
+/// pub/sub connection while a lock waiter waits, plus one connection per
+/// open watch. Any number of locks, held or awaited, share these.
 ///
 /// Get one with [`crate::connect`] or [`RedisBackend::connect`]. Cloning
 /// shares the handle (its connections, renewals and local lock queues).

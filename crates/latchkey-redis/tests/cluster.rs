@@ -19,9 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-fn cluster_url() -> String {
-    std::env::var("LATCHKEY_TEST_REDIS_CLUSTER_URL").expect("LATCHKEY_TEST_REDIS_CLUSTER_URL")
-}
+mod common;
+use common::{cluster_url, node_con, OwnCluster};
 
 fn url(base: &str, params: &str) -> BackendUrl {
     let sep = if base.contains('?') { '&' } else { '?' };
@@ -42,13 +41,6 @@ fn first_node() -> String {
     rest.split(['/', '?', ',']).next().unwrap().to_string()
 }
 
-fn node_con(addr: &str) -> redis::Connection {
-    redis::Client::open(format!("redis://{addr}"))
-        .expect("node client")
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .expect("node connection")
-}
-
 /// A master of the cluster: id, `host:port`, its slot ranges.
 #[derive(Clone, Debug)]
 struct Master {
@@ -58,9 +50,13 @@ struct Master {
 }
 
 fn masters() -> Vec<Master> {
+    masters_of(&first_node())
+}
+
+fn masters_of(node: &str) -> Vec<Master> {
     let text: String = redis::cmd("CLUSTER")
         .arg("NODES")
-        .query(&mut node_con(&first_node()))
+        .query(&mut node_con(node))
         .expect("CLUSTER NODES");
     let mut out = Vec::new();
     for line in text.lines() {
@@ -416,4 +412,86 @@ async fn slot_migration_during_locks_txns_and_a_watch() {
             ev.key
         );
     }
+}
+
+/// Release channels of namespace `ns` that `addr` has subscribers for.
+fn release_channels_on(addr: &str, ns: &str) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("latchkey:{{{ns}}}:released:*"))
+        .query(&mut node_con(addr))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_survives_the_death_of_its_pubsub_node() {
+    // Slots of a dead master without replica stay down; the others keep
+    // serving (full coverage not required).
+    let cluster = tokio::task::spawn_blocking(|| {
+        OwnCluster::spawn(3, &["--cluster-require-full-coverage", "no"])
+    })
+    .await
+    .unwrap();
+    let addrs = cluster.addrs();
+    let ms = masters_of(&addrs[0]);
+    // A namespace on node 0; the waiter's handle lists node 1 first, so it
+    // subscribes there.
+    let ns = (0..)
+        .map(|n| format!("{}-{n}", unique_namespace("pubsub")))
+        .find(|ns| {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("latchkey:{{{ns}}}:lock:x"))
+                .query(&mut node_con(&addrs[0]))
+                .unwrap();
+            owner(&ms, slot).addr == addrs[0]
+        })
+        .unwrap();
+    let open_with = |order: &[usize]| {
+        let u = url(&cluster.url_of(order), &format!("namespace={ns}"));
+        async move { RedisBackend::connect(&u).await.unwrap() }
+    };
+    let holder = open_with(&[0, 1, 2]).await;
+    let waiter = Arc::new(open_with(&[1, 2, 0]).await);
+    let ttl = LockOptions::ttl(Duration::from_secs(30));
+    let g = holder.lock("x", ttl.clone()).await.unwrap();
+    let w = waiter.clone();
+    let task = tokio::spawn(async move {
+        let g = w
+            .lock("x", ttl.with_wait(Duration::from_secs(20)))
+            .await
+            .expect("the waiter gets the lock");
+        (Instant::now(), g)
+    });
+    let poll = |what: &'static str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (a0, a1, a2) = (addrs[0].clone(), addrs[1].clone(), addrs[2].clone());
+    let ns2 = ns.clone();
+    poll("the waiter subscribes on node 1", &|| {
+        release_channels_on(&a1, &ns2).len() == 1
+    });
+    cluster.nodes[1].kill().unwrap();
+    // It subscribes again on a live node ...
+    poll("the waiter subscribes on another node", &|| {
+        release_channels_on(&a0, &ns2).len() + release_channels_on(&a2, &ns2).len() == 1
+    });
+    // ... where the release reaches it: far sooner than its bounded wait
+    // (the refresh period, 10 s).
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let (acquired, g2) = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the waiter finishes")
+        .unwrap();
+    let after = acquired - released;
+    assert!(
+        after < Duration::from_secs(3),
+        "woken by the release, not by its bounded wait: {after:?}"
+    );
+    g2.release().await.unwrap();
 }

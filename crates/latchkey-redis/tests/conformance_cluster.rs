@@ -1,7 +1,9 @@
-//! The shared conformance suite against a real 3-master Redis Cluster (the
-//! testkit's shared one, or `LATCHKEY_TEST_REDIS_CLUSTER_URL`): every case
+//! The shared conformance suite against a real 3-master Redis Cluster (see
+//! `common`: `LATCHKEY_TEST_REDIS_CLUSTER_URL`, or one assembled per run): every case
 //! gets a new handle in its own namespace, so the cases spread over the
 //! masters (a namespace is one hash slot).
+
+mod common;
 
 use latchkey_conformance::harness::Instrumented;
 use latchkey_core::BackendUrl;
@@ -9,8 +11,7 @@ use latchkey_redis::RedisBackend;
 use std::sync::Arc;
 
 fn main() -> std::process::ExitCode {
-    let base = BackendUrl::parse(&std::env::var("LATCHKEY_TEST_REDIS_CLUSTER_URL").expect("url"))
-        .expect("the testkit's URL");
+    let base = BackendUrl::parse(&common::cluster_url()).expect("the cluster's URL");
     let harness = Instrumented::new(move |ns: String| {
         let url = base.with_namespace(&ns);
         async move { Ok(Arc::new(RedisBackend::connect(&url?).await?)) }

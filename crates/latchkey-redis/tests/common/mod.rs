@@ -1,0 +1,130 @@
+//! A Redis Cluster for the cluster tests: `LATCHKEY_TEST_REDIS_CLUSTER_URL`
+//! if set, else one 3-master cluster per test binary assembled here from
+//! testkit servers (`CLUSTER ADDSLOTSRANGE` + `CLUSTER MEET`, no
+//! `redis-cli`), with explicit bus ports.
+
+#![allow(dead_code)]
+
+use latchkey_testkit::{spawn_redis, RedisOptions, Server};
+use std::net::TcpListener;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A cluster of testkit servers (killed when dropped).
+pub struct OwnCluster {
+    pub nodes: Vec<Server>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub fn node_con(addr: &str) -> redis::Connection {
+    let con = redis::Client::open(format!("redis://{addr}"))
+        .expect("node client")
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .expect("node connection");
+    let _ = con.set_read_timeout(Some(Duration::from_secs(5)));
+    con
+}
+
+impl OwnCluster {
+    /// `masters` masters, slots split evenly; `extra` server arguments.
+    pub fn spawn(masters: usize, extra: &[&str]) -> OwnCluster {
+        let mut nodes = Vec::new();
+        let mut buses = Vec::new();
+        for _ in 0..masters {
+            let bus = free_port();
+            buses.push(bus);
+            let mut o = RedisOptions::default()
+                .arg("--cluster-enabled")
+                .arg("yes")
+                .arg("--cluster-config-file")
+                .arg("{dir}/nodes.conf")
+                .arg("--cluster-port")
+                .arg(bus.to_string());
+            for a in extra {
+                o = o.arg(*a);
+            }
+            nodes.push(spawn_redis(o).expect("spawn a cluster node"));
+        }
+        let c = OwnCluster { nodes };
+        let addrs = c.addrs();
+        let per = 16384 / masters;
+        for (i, a) in addrs.iter().enumerate() {
+            let lo = i * per;
+            let hi = if i + 1 == masters {
+                16383
+            } else {
+                lo + per - 1
+            };
+            let _: () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(lo)
+                .arg(hi)
+                .query(&mut node_con(a))
+                .expect("ADDSLOTSRANGE");
+        }
+        let mut first = node_con(&addrs[0]);
+        for (a, bus) in addrs.iter().zip(&buses).skip(1) {
+            let (h, p) = a.rsplit_once(':').unwrap();
+            // Without the bus port, MEET assumes port + 10000.
+            let _: () = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg(h)
+                .arg(p)
+                .arg(bus)
+                .query(&mut first)
+                .expect("CLUSTER MEET");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'ready: loop {
+            assert!(Instant::now() < deadline, "the cluster never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+            for a in &addrs {
+                let mut con = node_con(a);
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
+                let known = nodes.lines().filter(|l| l.contains("connected")).count();
+                if !info.contains("cluster_state:ok") || known != masters {
+                    continue 'ready;
+                }
+            }
+            break;
+        }
+        c
+    }
+
+    /// `host:port` of every node.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|s| s.addr().expect("a spawned node").to_string())
+            .collect()
+    }
+
+    /// `redis+cluster://` with the nodes in this order.
+    pub fn url_of(&self, order: &[usize]) -> String {
+        let addrs = self.addrs();
+        let hosts: Vec<&str> = order.iter().map(|i| addrs[*i].as_str()).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    pub fn url(&self) -> String {
+        self.url_of(&(0..self.nodes.len()).collect::<Vec<_>>())
+    }
+}
+
+/// The cluster every test of the binary shares.
+pub fn cluster_url() -> String {
+    if let Ok(u) = std::env::var("LATCHKEY_TEST_REDIS_CLUSTER_URL") {
+        if !u.is_empty() {
+            return u;
+        }
+    }
+    static SHARED: OnceLock<OwnCluster> = OnceLock::new();
+    SHARED.get_or_init(|| OwnCluster::spawn(3, &[])).url()
+}
