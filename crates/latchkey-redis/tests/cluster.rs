@@ -495,3 +495,100 @@ async fn a_waiter_survives_the_death_of_its_pubsub_node() {
     );
     g2.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failover_is_ridden_out() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        OwnCluster::spawn_with_replicas(3, 1, &["--cluster-node-timeout", "1000"])
+    })
+    .await
+    .unwrap();
+    let addrs = cluster.addrs();
+    let ms = masters_of(&addrs[1]);
+    let ns = (0..)
+        .map(|n| format!("{}-{n}", unique_namespace("failover")))
+        .find(|ns| {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("latchkey:{{{ns}}}:rev"))
+                .query(&mut node_con(&addrs[0]))
+                .unwrap();
+            owner(&ms, slot).addr == addrs[0]
+        })
+        .unwrap();
+    // The timeout must outlast a failover (node timeout + election) for
+    // waiters and watches to ride it out.
+    let u = url(&cluster.url(), &format!("namespace={ns}&timeout=5s"));
+    let h = RedisBackend::connect(&u).await.unwrap();
+    let h2 = Arc::new(RedisBackend::connect(&u).await.unwrap());
+    h.put("ev/before", Bytes::from("1"), PutOptions::default())
+        .await
+        .unwrap();
+    let mut events = h.watch("ev/", None).await.unwrap();
+    let ttl = LockOptions::ttl(Duration::from_secs(10));
+    let g = h.lock("x", ttl.clone()).await.unwrap();
+    let w = h2.clone();
+    let waiter =
+        tokio::spawn(async move { w.lock("x", ttl.with_wait(Duration::from_secs(60))).await });
+    // Everything so far is on the replica too (this test is about riding
+    // out the failover, not about what asynchronous replication loses).
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query(&mut node_con(&addrs[0]))
+        .unwrap();
+    assert_eq!(acked, 1);
+    cluster.nodes[0].kill().unwrap();
+    let killed = Instant::now();
+    // Writes fail for a while (Unavailable, or Indeterminate for a write
+    // whose reply was lost), then work again on the promoted replica.
+    let mut errors = 0;
+    let rev = loop {
+        match h
+            .put("ev/after", Bytes::from("2"), PutOptions::default())
+            .await
+        {
+            Ok(r) => break r,
+            Err(e @ (Error::Unavailable { .. } | Error::Indeterminate { .. })) => {
+                errors += 1;
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "no recovery: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("unexpected error during the failover: {e}"),
+        }
+    };
+    eprintln!(
+        "writes work again {:?} after the kill ({errors} failed attempts)",
+        killed.elapsed()
+    );
+    let now_master = owner(&masters_of(&addrs[1]), {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(h.lock_key("x"))
+            .query::<u16>(&mut node_con(&addrs[1]))
+            .unwrap()
+    })
+    .addr
+    .clone();
+    assert_eq!(now_master, addrs[3], "the replica was promoted");
+    // The holder still holds (replicated), releases, and the waiter, which
+    // waited through the failover, gets the lock.
+    assert!(!g.is_lost());
+    g.release().await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter finishes")
+        .unwrap()
+        .expect("the waiter gets the lock after the failover");
+    g2.release().await.unwrap();
+    // The watch delivered the write made after the failover.
+    let ev = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .expect("a watch event after the failover")
+        .unwrap()
+        .expect("the watch survives the failover");
+    assert_eq!((ev.key.as_str(), ev.revision), ("ev/after", rev));
+}

@@ -34,9 +34,16 @@ pub fn node_con(addr: &str) -> redis::Connection {
 impl OwnCluster {
     /// `masters` masters, slots split evenly; `extra` server arguments.
     pub fn spawn(masters: usize, extra: &[&str]) -> OwnCluster {
+        Self::spawn_with_replicas(masters, 0, extra)
+    }
+
+    /// `masters` masters (nodes `0..masters`) with `replicas` replicas each
+    /// (node `masters + i * replicas + r` replicates master `i`).
+    pub fn spawn_with_replicas(masters: usize, replicas: usize, extra: &[&str]) -> OwnCluster {
+        let total = masters * (1 + replicas);
         let mut nodes = Vec::new();
         let mut buses = Vec::new();
-        for _ in 0..masters {
+        for _ in 0..total {
             let bus = free_port();
             buses.push(bus);
             let mut o = RedisOptions::default()
@@ -54,7 +61,7 @@ impl OwnCluster {
         let c = OwnCluster { nodes };
         let addrs = c.addrs();
         let per = 16384 / masters;
-        for (i, a) in addrs.iter().enumerate() {
+        for (i, a) in addrs.iter().enumerate().take(masters) {
             let lo = i * per;
             let hi = if i + 1 == masters {
                 16383
@@ -81,6 +88,32 @@ impl OwnCluster {
                 .expect("CLUSTER MEET");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
+        if replicas > 0 {
+            let id = |a: &str| -> String {
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query(&mut node_con(a))
+                    .unwrap()
+            };
+            let master_ids: Vec<String> = addrs[..masters].iter().map(|a| id(a)).collect();
+            for i in 0..masters {
+                for r in 0..replicas {
+                    let a = &addrs[masters + i * replicas + r];
+                    // A replica can follow a master only once it knows it.
+                    loop {
+                        assert!(Instant::now() < deadline, "{a} never met its master");
+                        let r: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                            .arg("REPLICATE")
+                            .arg(&master_ids[i])
+                            .query(&mut node_con(a));
+                        if r.is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
         'ready: loop {
             assert!(Instant::now() < deadline, "the cluster never became ready");
             std::thread::sleep(Duration::from_millis(50));
@@ -89,7 +122,24 @@ impl OwnCluster {
                 let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
                 let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
                 let known = nodes.lines().filter(|l| l.contains("connected")).count();
-                if !info.contains("cluster_state:ok") || known != masters {
+                let replicas_up = nodes
+                    .lines()
+                    .filter(|l| l.contains("slave") && l.contains("connected"))
+                    .count();
+                if !info.contains("cluster_state:ok")
+                    || known != total
+                    || replicas_up != masters * replicas
+                {
+                    continue 'ready;
+                }
+            }
+            // Replicas synchronised with their masters.
+            for a in &addrs[masters..] {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut node_con(a))
+                    .unwrap();
+                if !info.contains("master_link_status:up") {
                     continue 'ready;
                 }
             }
