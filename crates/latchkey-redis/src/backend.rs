@@ -122,18 +122,28 @@ impl RedisBackend {
     pub async fn connect(url: &latchkey_core::BackendUrl) -> Result<RedisBackend> {
         let cfg = Config::from_url(url)?;
         let conn = Conn::new(cfg.target.clone(), cfg.timeout);
+        let layout = Layout::new(&cfg.namespace, cfg.target.is_cluster());
         // A server that wants credentials accepts the connection and
-        // refuses the first command (NOAUTH): find out now, not later.
-        let _: String = conn
-            .run(Retry::Safe, "ping", |mut c| async move {
-                redis::cmd("PING").query_async(&mut c).await
+        // refuses the first command (NOAUTH): find out now, not later. On
+        // a cluster, PING would go to every node (and fail while any
+        // replica is down): ask the namespace's master instead, which also
+        // shows that the namespace's slot is served.
+        let probe = if cfg.target.is_cluster() {
+            redis::cmd("EXISTS").arg(layout.rev()).clone()
+        } else {
+            redis::cmd("PING")
+        };
+        let _: redis::Value = conn
+            .run(Retry::Safe, "ping", |mut c| {
+                let probe = probe.clone();
+                async move { probe.query_async(&mut c).await }
             })
             .await?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
                 notifier: Notifier::new(cfg.target.clone(), cfg.timeout, conn.ops().clone()),
                 conn,
-                layout: Layout::new(&cfg.namespace, cfg.target.is_cluster()),
+                layout,
                 history: cfg.history,
                 local: LocalQueues::new(),
                 groups: Mutex::new(HashMap::new()),

@@ -172,9 +172,19 @@
 //!   write is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate)
 //!   as on one server. Scripts are loaded on every master on `NOSCRIPT`
 //!   (after a failover or a migration to a node that never ran them).
-//! - **Watches** each get a cluster connection of their own, without reply
-//!   timeout, which sends the blocking `XREAD` to the master of the slot and
-//!   follows the slot after a migration or failover.
+//! - **Watches** each get a cluster connection of their own (one
+//!   connection per master), without reply timeout, which sends the
+//!   blocking `XREAD` to the master of the slot and follows the slot after
+//!   a migration or failover.
+//! - **Failover**: while a master is down and before its replica is
+//!   promoted (`cluster-node-timeout` plus an election), commands on its
+//!   slots fail with `Unavailable` (`Indeterminate` for a write whose
+//!   reply was lost); afterwards the same handle carries on. Lock waiters
+//!   and watches ride out an outage of up to one `timeout`, so give the URL
+//!   a `timeout` longer than a failover (with `cluster-node-timeout 1000`
+//!   the tests measured 2.5–3 s from the kill to the first write on the
+//!   promoted replica: `timeout=5s`). A new handle connects as long as one
+//!   seed answers.
 //! - **Lock hand-off** uses classic pub/sub: Redis Cluster forwards every
 //!   `PUBLISH` to every node, so a handle subscribes on any one node (one
 //!   pub/sub connection per handle, as on one server). If that node dies,

@@ -574,6 +574,12 @@ async fn a_master_failover_is_ridden_out() {
     .addr
     .clone();
     assert_eq!(now_master, addrs[3], "the replica was promoted");
+    // A new handle connects although its first seed is dead, and reads
+    // what was written.
+    let h3 = RedisBackend::connect(&u)
+        .await
+        .expect("connect past a dead seed");
+    assert_eq!(h3.get("ev/after").await.unwrap().unwrap().revision, rev);
     // The holder still holds (replicated), releases, and the waiter, which
     // waited through the failover, gets the lock.
     assert!(!g.is_lost());
