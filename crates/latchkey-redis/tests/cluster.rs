@@ -598,3 +598,62 @@ async fn a_master_failover_is_ridden_out() {
         .expect("the watch survives the failover");
     assert_eq!((ev.key.as_str(), ev.revision), ("ev/after", rev));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_cluster_with_a_private_ca() {
+    let files = latchkey_testkit::test_tls().expect("TLS files").clone();
+    let ca = files.ca.display().to_string();
+    let cluster =
+        tokio::task::spawn_blocking(move || OwnCluster::spawn_full(3, 0, &[], Some(files)))
+            .await
+            .unwrap();
+    let base = cluster.url();
+    assert!(base.starts_with("rediss+cluster://"));
+    // The system roots do not know the test CA.
+    match RedisBackend::connect(&url(&base, "namespace=tls&timeout=1s")).await {
+        Err(Error::Unavailable { .. }) => {}
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("an unknown CA was trusted"),
+    }
+    let u = url(&base, &format!("namespace=tls&ca={ca}"));
+    let h = RedisBackend::connect(&u).await.unwrap();
+    let h2 = Arc::new(RedisBackend::connect(&u).await.unwrap());
+    let mut events = h.watch("", None).await.unwrap();
+    let rev = h
+        .put("k", Bytes::from("over tls"), PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        h2.get("k").await.unwrap().unwrap().value,
+        Bytes::from("over tls")
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("a watch event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.revision, rev);
+    // A waiter is woken through pub/sub on a TLS node connection.
+    let ttl = LockOptions::ttl(Duration::from_secs(30));
+    let g = h.lock("x", ttl.clone()).await.unwrap();
+    let w = h2.clone();
+    let waiter =
+        tokio::spawn(async move { w.lock("x", ttl.with_wait(Duration::from_secs(20))).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h2.waiting_channels() == 0 {
+        assert!(Instant::now() < deadline, "the waiter never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        released.elapsed() < Duration::from_secs(3),
+        "woken by the release"
+    );
+    g2.release().await.unwrap();
+}

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use latchkey_testkit::{spawn_redis, RedisOptions, Server};
+use latchkey_testkit::{spawn_redis, RedisOptions, Server, TlsFiles};
 use std::net::TcpListener;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 /// A cluster of testkit servers (killed when dropped).
 pub struct OwnCluster {
     pub nodes: Vec<Server>,
+    /// Set when the nodes serve TLS only (bus included).
+    pub tls: Option<TlsFiles>,
 }
 
 fn free_port() -> u16 {
@@ -23,7 +25,21 @@ fn free_port() -> u16 {
 }
 
 pub fn node_con(addr: &str) -> redis::Connection {
-    let con = redis::Client::open(format!("redis://{addr}"))
+    node_con_tls(addr, None)
+}
+
+fn node_con_tls(addr: &str, tls: Option<&TlsFiles>) -> redis::Connection {
+    let client = match tls {
+        None => redis::Client::open(format!("redis://{addr}")),
+        Some(t) => redis::Client::build_with_tls(
+            format!("rediss://{addr}"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(&t.ca).expect("the CA file")),
+            },
+        ),
+    };
+    let con = client
         .expect("node client")
         .get_connection_with_timeout(Duration::from_secs(2))
         .expect("node connection");
@@ -40,6 +56,18 @@ impl OwnCluster {
     /// `masters` masters (nodes `0..masters`) with `replicas` replicas each
     /// (node `masters + i * replicas + r` replicates master `i`).
     pub fn spawn_with_replicas(masters: usize, replicas: usize, extra: &[&str]) -> OwnCluster {
+        Self::spawn_full(masters, replicas, extra, None)
+    }
+
+    /// Like [`spawn_with_replicas`](Self::spawn_with_replicas); with `tls`,
+    /// clients and the cluster bus speak TLS only.
+    pub fn spawn_full(
+        masters: usize,
+        replicas: usize,
+        extra: &[&str],
+        tls: Option<TlsFiles>,
+    ) -> OwnCluster {
+        let node_con = |a: &str| node_con_tls(a, tls.as_ref());
         let total = masters * (1 + replicas);
         let mut nodes = Vec::new();
         let mut buses = Vec::new();
@@ -56,9 +84,20 @@ impl OwnCluster {
             for a in extra {
                 o = o.arg(*a);
             }
+            if let Some(t) = &tls {
+                o.tls = Some(t.clone());
+                o = o
+                    .arg("--tls-cluster")
+                    .arg("yes")
+                    .arg("--tls-replication")
+                    .arg("yes");
+            }
             nodes.push(spawn_redis(o).expect("spawn a cluster node"));
         }
-        let c = OwnCluster { nodes };
+        let c = OwnCluster {
+            nodes,
+            tls: tls.clone(),
+        };
         let addrs = c.addrs();
         let per = 16384 / masters;
         for (i, a) in addrs.iter().enumerate().take(masters) {
@@ -156,11 +195,17 @@ impl OwnCluster {
             .collect()
     }
 
-    /// `redis+cluster://` with the nodes in this order.
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) with the nodes in
+    /// this order.
     pub fn url_of(&self, order: &[usize]) -> String {
         let addrs = self.addrs();
         let hosts: Vec<&str> = order.iter().map(|i| addrs[*i].as_str()).collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", hosts.join(","))
     }
 
     pub fn url(&self) -> String {
