@@ -6,6 +6,7 @@ use latchkey_core::{BackendUrl, Error, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     RedisConnectionInfo, RedisError, RedisFuture, RedisResult, Value,
@@ -163,10 +164,12 @@ impl Target {
                     } else {
                         &c.blocking
                     };
-                    client
-                        .get_async_connection()
-                        .await
-                        .map(|c| Connection::Cluster(Box::new(c)))
+                    client.get_async_connection().await.map(|con| {
+                        Connection::Cluster(Box::new(ClusterScripts {
+                            con,
+                            last_key: None,
+                        }))
+                    })
                 }
             }
         };
@@ -191,14 +194,54 @@ impl Target {
 #[derive(Clone)]
 pub(crate) enum Connection {
     Single(MultiplexedConnection),
-    Cluster(Box<ClusterConnection>),
+    Cluster(Box<ClusterScripts>),
+}
+
+/// A cluster connection that remembers the first key of the last script it
+/// ran, so that the `SCRIPT LOAD` which `redis::Script` sends after
+/// `NOSCRIPT` goes to the master of that key's slot. (The library sends
+/// `SCRIPT LOAD` to every node, which fails while any node is down, and
+/// then the script could not run anywhere.)
+#[derive(Clone)]
+pub(crate) struct ClusterScripts {
+    con: ClusterConnection,
+    last_key: Option<Vec<u8>>,
+}
+
+fn simple_args(cmd: &redis::Cmd) -> Vec<&[u8]> {
+    cmd.args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ClusterScripts {
+    fn command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        let args = simple_args(cmd);
+        let is = |n: usize, word: &[u8]| args.get(n).is_some_and(|a| a.eq_ignore_ascii_case(word));
+        if (is(0, b"EVALSHA") || is(0, b"EVAL")) && args.len() > 3 && args[2] != b"0" {
+            // EVALSHA <sha> <numkeys> <key1> …
+            self.last_key = Some(args[3].to_vec());
+        } else if is(0, b"SCRIPT") && is(1, b"LOAD") {
+            if let Some(key) = &self.last_key {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                let cmd = cmd.clone();
+                return Box::pin(async move { self.con.route_command(cmd, route).await });
+            }
+        }
+        self.con.req_packed_command(cmd)
+    }
 }
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.command(cmd),
         }
     }
 
@@ -210,14 +253,14 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.con.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c) => c.con.get_db(),
         }
     }
 }

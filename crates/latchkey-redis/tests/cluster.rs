@@ -494,6 +494,19 @@ async fn a_waiter_survives_the_death_of_its_pubsub_node() {
         "woken by the release, not by its bounded wait: {after:?}"
     );
     g2.release().await.unwrap();
+
+    // The namespace's master forgets the scripts (as after a restart or a
+    // failover) while another master is down: the script is loaded again on
+    // the slot's master alone (a `SCRIPT LOAD` to every node would fail).
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut node_con(&a0))
+        .unwrap();
+    holder
+        .put("after-flush", Bytes::from("1"), PutOptions::default())
+        .await
+        .expect("NOSCRIPT recovers on the slot's master");
+    assert!(holder.get("after-flush").await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
