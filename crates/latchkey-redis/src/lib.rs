@@ -170,8 +170,9 @@
 //!   migration is invisible to the caller. The library's own retries are
 //!   off, because it would also resend a write whose reply was lost: such a
 //!   write is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate)
-//!   as on one server. Scripts are loaded on every master on `NOSCRIPT`
-//!   (after a failover or a migration to a node that never ran them).
+//!   as on one server. A script a node does not know (`NOSCRIPT`, after a
+//!   failover, a restart or a migration to a node that never ran it) is
+//!   loaded on the master of its slot, and run again.
 //! - **Watches** each get a cluster connection of their own (one
 //!   connection per master), without reply timeout, which sends the
 //!   blocking `XREAD` to the master of the slot and follows the slot after

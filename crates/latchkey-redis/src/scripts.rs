@@ -2,7 +2,8 @@
 //! revision bump, the value, the key index and the change stream change
 //! together, atomically. Loaded once per server and called by SHA
 //! (`EVALSHA`); `redis::Script` reloads a script the server forgot
-//! (`NOSCRIPT` after a restart or `SCRIPT FLUSH`).
+//! (`NOSCRIPT` after a restart or `SCRIPT FLUSH`); on a cluster the reload
+//! goes to the master of the script's slot (see `conn::ClusterScripts`).
 //!
 //! Numbers: Lua numbers are doubles, and Redis turns a Lua number into a
 //! string with `%.14g`. Revisions are therefore formatted with
