@@ -151,8 +151,10 @@
 //! `rediss+cluster://…` (TLS) take the same parameters as a single server
 //! (`namespace`, `timeout`, `history`, `ca`) and no `/db` path (a cluster
 //! has only database 0). The hosts are seeds: any reachable one is enough,
-//! the client learns the rest of the cluster from it. Everything above
-//! holds unchanged; what differs:
+//! the client learns the rest of the cluster from it (an ACL user needs
+//! `CLUSTER SLOTS`, and `CLUSTER NODES` to learn where else to subscribe
+//! when its pub/sub node dies). Everything above holds unchanged; what
+//! differs:
 //!
 //! - **A namespace is one hash slot, the unit of sharding.** Every key of a
 //!   namespace carries its hash tag, so every script (each write, each
@@ -167,7 +169,9 @@
 //!   `TRYAGAIN`, `CLUSTERDOWN` or `READONLY` without running the command;
 //!   the adapter sends it again, with a short back-off, for up to one
 //!   `timeout`, while the client library refreshes its slot map, so a
-//!   migration is invisible to the caller. The library's own retries are
+//!   migration is invisible to the caller (a migration that stalls half-way
+//!   leaves the namespace's keys on two nodes, and Redis refuses multi-key
+//!   scripts on it with `TRYAGAIN` until it completes: `Unavailable`). The library's own retries are
 //!   off, because it would also resend a write whose reply was lost: such a
 //!   write is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate)
 //!   as on one server. A script a node does not know (`NOSCRIPT`, after a

@@ -311,11 +311,17 @@ impl Inner {
             .await
             .map_err(|e| map_err(&e))?;
         self.ops.fetch_add(1, Ordering::Relaxed);
-        let text: String = redis::cmd("CLUSTER")
+        // Best effort: a user whose ACL forbids CLUSTER NODES still gets
+        // its notifications (with the seeds as the only other nodes).
+        let text = match redis::cmd("CLUSTER")
             .arg("NODES")
-            .query_async(&mut con)
+            .query_async::<String>(&mut con)
             .await
-            .map_err(|e| map_err(&e))?;
+        {
+            Ok(t) => t,
+            Err(e) if crate::conn::is_connection_failure(&e) => return Err(map_err(&e)),
+            Err(_) => String::new(),
+        };
         drop(con);
         let pubsub = client.get_async_pubsub().await.map_err(|e| map_err(&e))?;
         Ok((pubsub, parse_cluster_nodes(&text)))
