@@ -416,17 +416,27 @@ pub(crate) fn is_redirect(e: &RedisError) -> bool {
     ) || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
 }
 
+/// True if the server refused the credentials. The cluster client wraps a
+/// refusal during its first connections into an I/O error whose text
+/// still names it.
+fn is_auth(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        || (e.kind() == redis::ErrorKind::Io && {
+            let t = e.to_string();
+            t.contains("AuthenticationFailed") || t.contains("WRONGPASS") || t.contains("NOAUTH")
+        })
+}
+
 /// Maps a client error to latchkey's categories.
 pub(crate) fn map_err(e: &RedisError) -> Error {
-    let code = e.code().unwrap_or("");
-    if e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
-    {
+    if is_auth(e) {
         return Error::Auth {
             backend: NAME,
             message: e.to_string(),
         };
     }
+    let code = e.code().unwrap_or("");
     if matches!(
         code,
         "LOADING"
@@ -573,10 +583,7 @@ impl Conn {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(100));
                 }
-                Err(e)
-                    if is_connection_failure(&e)
-                        && e.kind() != redis::ErrorKind::AuthenticationFailed =>
-                {
+                Err(e) if is_connection_failure(&e) && !is_auth(&e) => {
                     if self.must_reconnect(&e) {
                         self.invalidate(generation);
                     }

@@ -670,3 +670,74 @@ async fn rediss_cluster_with_a_private_ca() {
     );
     g2.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_credentials_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let c = OwnCluster::spawn(3, &[]);
+        for a in c.addrs() {
+            let mut con = node_con(&a);
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("alice")
+                .arg("on")
+                .arg(">s3cret")
+                .arg("~*")
+                .arg("&*")
+                .arg("+@all")
+                .query(&mut con)
+                .unwrap();
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg("off")
+                .query(&mut con)
+                .unwrap();
+        }
+        c
+    })
+    .await
+    .unwrap();
+    let hosts = cluster.url().replace("redis+cluster://", "");
+    for (creds, what) in [("", "no credentials"), ("alice:wrong@", "a wrong password")] {
+        let u = url(&format!("redis+cluster://{creds}{hosts}"), "namespace=acl");
+        match RedisBackend::connect(&u).await {
+            Err(e @ Error::Auth { .. }) => assert!(!e.to_string().contains("wrong"), "{e}"),
+            Err(e) => panic!("{what}: expected Auth, got {e}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    let u = url(
+        &format!("redis+cluster://alice:s3cret@{hosts}"),
+        "namespace=acl",
+    );
+    let h = RedisBackend::connect(&u).await.unwrap();
+    let h2 = Arc::new(RedisBackend::connect(&u).await.unwrap());
+    h.put("k", Bytes::from("v"), PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(h2.get("k").await.unwrap().unwrap().value, Bytes::from("v"));
+    // The pub/sub connection authenticates too: a waiter is woken.
+    let ttl = LockOptions::ttl(Duration::from_secs(30));
+    let g = h.lock("x", ttl.clone()).await.unwrap();
+    let w = h2.clone();
+    let waiter =
+        tokio::spawn(async move { w.lock("x", ttl.with_wait(Duration::from_secs(20))).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h2.waiting_channels() == 0 {
+        assert!(Instant::now() < deadline, "the waiter never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        released.elapsed() < Duration::from_secs(3),
+        "woken by the release"
+    );
+    g2.release().await.unwrap();
+}
