@@ -1,6 +1,8 @@
 //! The connection URL, the command connection (one multiplexed connection
-//! per handle, re-established after a failure), and the mapping of client
-//! errors to latchkey's categories.
+//! per handle, or one cluster connection on a Redis Cluster; either is
+//! re-established after a failure), the retry of commands a cluster
+//! refused without running them, and the mapping of client errors to
+//! latchkey's categories.
 
 use latchkey_core::{BackendUrl, Error, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
