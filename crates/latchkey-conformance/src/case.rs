@@ -4,7 +4,10 @@
 
 use crate::harness::Harness;
 use futures::future::BoxFuture;
-use latchkey_core::{Backend, Bytes, Capabilities, Error, KvStore, ListOptions, LockOptions};
+use latchkey_core::{
+    Backend, Bytes, Capabilities, Compare, Error, KvStore, ListOptions, LockGuard, LockOptions, Op,
+    PutOptions, Revision, TxnRequest,
+};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -314,6 +317,46 @@ impl Cx {
 /// `s` as bytes.
 pub(crate) fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Puts `value` at `key` (no options) and returns the revision; an error
+/// fails the case naming the put.
+pub(crate) async fn put_value(h: &dyn KvStore, key: &str, value: &str) -> Result<Revision, Fail> {
+    h.put(key, b(value), PutOptions::default())
+        .await
+        .ctx(format!("put {key}"))
+}
+
+/// The value at `key` (`None` if missing); an error fails the case naming
+/// the get.
+pub(crate) async fn value_of(h: &dyn KvStore, key: &str) -> Result<Option<Bytes>, Fail> {
+    Ok(h.get(key)
+        .await
+        .ctx(format!("get {key}"))?
+        .map(|kv| kv.value))
+}
+
+/// Fails unless `result` is `Err(Conflict)` whose `current` is
+/// `want_current`; the failure names `what`, the expected `current` and
+/// what came instead. Returns the conflict's key.
+pub(crate) fn expect_conflict<T: fmt::Debug>(
+    result: latchkey_core::Result<T>,
+    want_current: Option<Revision>,
+    what: impl fmt::Display,
+) -> Result<String, Fail> {
+    match result {
+        Err(Error::Conflict { key, current }) if current == want_current => Ok(key),
+        other => Err(Fail(format!(
+            "expected Conflict {{ current: {want_current:?} }} from {what}, got {other:?}"
+        ))),
+    }
+}
+
+/// A fenced write: `put(key, value)` only while `g`'s holding exists.
+pub(crate) fn fenced_put(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
+    TxnRequest::new()
+        .when([Compare::held(g)])
+        .then([Op::put(key, value.to_string())])
 }
 
 /// Polls `cond` (every 10–20 ms) until it yields `Some`, or fails after

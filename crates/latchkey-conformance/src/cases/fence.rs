@@ -1,14 +1,14 @@
 //! Fenced writes: `Compare::held(&guard)` commits a write only while that
 //! guard's holding still exists.
 
-use crate::case::{b, ensure, ensure_eq, CaseResult, Cx, ErrCtx, Fail};
-use latchkey_core::{Compare, LockGuard, Op, OpResult, PutOptions, TxnRequest};
+use crate::case::{
+    b, ensure, ensure_eq, fenced_put, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
+};
+use latchkey_core::{Compare, LockGuard, Op, OpResult, TxnRequest};
 
+/// [`fenced_put`] that reads the key back when the fence refuses it.
 fn fenced(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
-    TxnRequest::new()
-        .when([Compare::held(g)])
-        .then([Op::put(key, value.to_string())])
-        .otherwise([Op::get(key)])
+    fenced_put(g, key, value).otherwise([Op::get(key)])
 }
 
 cases! {
@@ -23,7 +23,7 @@ cases! {
             "expected a fenced write with a held guard to commit"
         );
         ensure_eq!(
-            h.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "f").await?,
             Some(b("1")),
             "the fenced key"
         );
@@ -78,7 +78,7 @@ cases! {
             "expected the new holder's fenced write to commit"
         );
         ensure_eq!(
-            c.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            value_of(c.as_ref(), "f").await?,
             Some(b("new")),
             "the fenced key"
         );
@@ -142,9 +142,7 @@ cases! {
     #[case("fence::held_with_value_compare")]
     async fn held_and_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("state", b("active"), PutOptions::default())
-            .await
-            .ctx("put state")?;
+        put_value(h.as_ref(), "state", "active").await?;
         let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
         let t = |v: &str| {
             TxnRequest::new()
@@ -160,7 +158,7 @@ cases! {
             "expected held ∧ value(state) = \"active\" to commit"
         );
         ensure_eq!(
-            h.get("state").await.ctx("get")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "state").await?,
             Some(b("inactive")),
             "state after the fenced write"
         );
@@ -214,11 +212,7 @@ cases! {
                 .map_err(|e| Fail(format!("a worker panicked: {e}")))??;
         }
         ensure_eq!(
-            hs[0]
-                .get("counter")
-                .await
-                .ctx("get counter")?
-                .map(|kv| kv.value),
+            value_of(hs[0].as_ref(), "counter").await?,
             Some(b("40")),
             "the counter after 4×10 fenced increments"
         );

@@ -2,7 +2,8 @@
 //! namespaces, and a linearizability check of concurrent register ops.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, expect_err, gates, CaseResult, Cx, ErrCtx, Fail,
+    all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, gates, put_value, value_of,
+    CaseResult, Cx, ErrCtx, Fail,
 };
 use crate::checkers::{check_kv, Clock, KvInput, KvOperation, KvOutput, Operation, Verdict};
 use bytes::Bytes;
@@ -137,9 +138,7 @@ cases! {
     #[case("kv::delete_existing")]
     async fn delete_existing(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        a.put("d", b("x"), PutOptions::default())
-            .await
-            .ctx("put d")?;
+        put_value(a.as_ref(), "d", "x").await?;
         ensure_eq!(
             a.delete("d", DeleteOptions::default())
                 .await
@@ -160,10 +159,7 @@ cases! {
     #[case("kv::cas_success")]
     async fn cas_success(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h
-            .put("c", b("1"), PutOptions::default())
-            .await
-            .ctx("put c")?;
+        let r1 = put_value(h.as_ref(), "c", "1").await?;
         let r2 = h
             .put("c", b("2"), PutOptions::if_revision(r1))
             .await
@@ -173,7 +169,7 @@ cases! {
             "expected the CAS to return a revision > {r1}, got {r2}"
         );
         ensure_eq!(
-            h.get("c").await.ctx("get c")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "c").await?,
             Some(b("2")),
             "the value after CAS"
         );
@@ -185,28 +181,17 @@ cases! {
     #[case("kv::cas_conflict_reports_current")]
     async fn cas_conflict(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h
-            .put("c", b("1"), PutOptions::default())
-            .await
-            .ctx("put c")?;
-        let r2 = h
-            .put("c", b("2"), PutOptions::default())
-            .await
-            .ctx("put c again")?;
-        match h.put("c", b("3"), PutOptions::if_revision(r1)).await {
-            Err(Error::Conflict { current, key }) => {
-                ensure_eq!(current, Some(r2), "Conflict.current of a stale CAS");
-                ensure!(
-                    key.contains('c'),
-                    "expected Conflict.key to name the key \"c\", got {key:?}"
-                );
-            }
-            other => {
-                return Err(Fail(format!(
-                    "expected Conflict {{ current: Some({r2}) }} from a stale CAS, got {other:?}"
-                )))
-            }
-        }
+        let r1 = put_value(h.as_ref(), "c", "1").await?;
+        let r2 = put_value(h.as_ref(), "c", "2").await?;
+        let key = expect_conflict(
+            h.put("c", b("3"), PutOptions::if_revision(r1)).await,
+            Some(r2),
+            "a stale CAS",
+        )?;
+        ensure!(
+            key.contains('c'),
+            "expected Conflict.key to name the key \"c\", got {key:?}"
+        );
         ensure_eq!(
             h.get("c")
                 .await
@@ -223,14 +208,11 @@ cases! {
     #[case("kv::cas_on_missing_key_conflicts")]
     async fn cas_missing(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        match h.put("m", b("x"), PutOptions::if_revision(1)).await {
-            Err(Error::Conflict { current: None, .. }) => {}
-            other => {
-                return Err(Fail(format!(
-                    "expected Conflict {{ current: None }} from a CAS on a missing key, got {other:?}"
-                )))
-            }
-        }
+        expect_conflict(
+            h.put("m", b("x"), PutOptions::if_revision(1)).await,
+            None,
+            "a CAS on a missing key",
+        )?;
         ensure_eq!(
             h.get("m").await.ctx("get m")?,
             None,
@@ -248,20 +230,13 @@ cases! {
             .put("once", b("first"), PutOptions::if_absent())
             .await
             .ctx("if_absent put on a missing key")?;
-        match c.put("once", b("second"), PutOptions::if_absent()).await {
-            Err(Error::Conflict { current, .. }) => ensure_eq!(
-                current,
-                Some(r),
-                "Conflict.current of the second if_absent put"
-            ),
-            other => {
-                return Err(Fail(format!(
-                    "expected Conflict from a second if_absent put, got {other:?}"
-                )))
-            }
-        }
+        expect_conflict(
+            c.put("once", b("second"), PutOptions::if_absent()).await,
+            Some(r),
+            "a second if_absent put",
+        )?;
         ensure_eq!(
-            a.get("once").await.ctx("get once")?.map(|kv| kv.value),
+            value_of(a.as_ref(), "once").await?,
             Some(b("first")),
             "the value after the failed if_absent put"
         );
@@ -273,34 +248,19 @@ cases! {
     #[case("kv::delete_if_revision")]
     async fn delete_if_revision(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r1 = h
-            .put("d", b("1"), PutOptions::default())
-            .await
-            .ctx("put d")?;
-        let r2 = h
-            .put("d", b("2"), PutOptions::default())
-            .await
-            .ctx("put d again")?;
-        match h
-            .delete(
+        let r1 = put_value(h.as_ref(), "d", "1").await?;
+        let r2 = put_value(h.as_ref(), "d", "2").await?;
+        expect_conflict(
+            h.delete(
                 "d",
                 DeleteOptions {
                     if_revision: Some(r1),
                 },
             )
-            .await
-        {
-            Err(Error::Conflict { current, .. }) => ensure_eq!(
-                current,
-                Some(r2),
-                "Conflict.current of a stale conditional delete"
-            ),
-            other => {
-                return Err(Fail(format!(
-                    "expected Conflict from a delete at a stale revision, got {other:?}"
-                )))
-            }
-        }
+            .await,
+            Some(r2),
+            "a delete at a stale revision",
+        )?;
         ensure!(
             h.get("d").await.ctx("get d")?.is_some(),
             "expected d to survive a failed conditional delete"
@@ -327,10 +287,7 @@ cases! {
     #[case("kv::delete_recreate_never_reuses_revision")]
     async fn aba(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let first = h
-            .put("aba", b("same"), PutOptions::default())
-            .await
-            .ctx("put aba")?;
+        let first = put_value(h.as_ref(), "aba", "same").await?;
         let mut last = first;
         for i in 0..3 {
             h.delete("aba", DeleteOptions::default())
@@ -363,9 +320,7 @@ cases! {
     async fn list_prefix(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         for k in ["apps", "app/x", "b", "ap", "apple", "app", "app/a/b", "aq"] {
-            h.put(k, b(k), PutOptions::default())
-                .await
-                .ctx(format!("put {k}"))?;
+            put_value(h.as_ref(), k, k).await?;
         }
         let got = h
             .list("app", ListOptions::default())
@@ -393,9 +348,7 @@ cases! {
     async fn list_limit(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         for k in ["p/d", "p/a", "p/c", "p/b", "q"] {
-            h.put(k, b("v"), PutOptions::default())
-                .await
-                .ctx(format!("put {k}"))?;
+            put_value(h.as_ref(), k, "v").await?;
         }
         let got = h
             .list(
@@ -430,10 +383,7 @@ cases! {
     #[case("kv::list_keys_only")]
     async fn list_keys_only(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h
-            .put("ko/1", b("value"), PutOptions::default())
-            .await
-            .ctx("put ko/1")?;
+        let r = put_value(h.as_ref(), "ko/1", "value").await?;
         let got = h
             .list(
                 "ko/",
@@ -469,9 +419,7 @@ cases! {
             "keys under a prefix nothing has"
         );
         for k in ["z", "a", "m/n"] {
-            h.put(k, b("v"), PutOptions::default())
-                .await
-                .ctx(format!("put {k}"))?;
+            put_value(h.as_ref(), k, "v").await?;
         }
         ensure_eq!(
             all_keys(h.as_ref()).await?,
@@ -654,11 +602,7 @@ cases! {
                 .map_err(|e| Fail(format!("a worker panicked: {e}")))?
                 .ctx("a CAS worker")?;
         }
-        let v = handles[0]
-            .get("counter")
-            .await
-            .ctx("get counter")?
-            .map(|kv| kv.value);
+        let v = value_of(handles[0].as_ref(), "counter").await?;
         ensure_eq!(v, Some(b("50")), "the counter after 5×10 CAS increments");
         Ok(())
     }

@@ -1,9 +1,12 @@
 //! Lock cases: exclusion (checked over recorded histories), try/wait/cancel
 //! semantics, fencing tokens, release, renewal and expiry of abandoned leases.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx, Fail};
+use crate::case::{
+    all_keys, b, ensure, ensure_eq, expect_err, fenced_put, put_value, value_of, CaseResult, Cx,
+    ErrCtx, Fail,
+};
 use crate::checkers::{check_exclusion, Clock, Holding};
-use latchkey_core::{Backend, Compare, Error, LockGuard, LockOptions, Op, PutOptions, TxnRequest};
+use latchkey_core::{Backend, Error, LockGuard, LockOptions};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -364,11 +367,7 @@ cases! {
             "expected the renewed guard not to be lost after 5×TTL"
         );
         let o = a
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&g)])
-                    .then([Op::put("f", "a")]),
-            )
+            .txn(fenced_put(&g, "f", "a"))
             .await
             .ctx("fenced write")?;
         ensure!(
@@ -416,11 +415,7 @@ cases! {
             ))
         })?;
         let stale = c
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&old)])
-                    .then([Op::put("f", "old")]),
-            )
+            .txn(fenced_put(&old, "f", "old"))
             .await
             .ctx("fenced write with the stale guard")?;
         ensure!(
@@ -428,11 +423,7 @@ cases! {
             "expected a fenced write with the expired guard to fail"
         );
         let fresh = c
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&new)])
-                    .then([Op::put("f", "new")]),
-            )
+            .txn(fenced_put(&new, "f", "new"))
             .await
             .ctx("fenced write with the new guard")?;
         ensure!(
@@ -440,7 +431,7 @@ cases! {
             "expected a fenced write with the new holder's guard to commit"
         );
         ensure_eq!(
-            c.get("f").await.ctx("get f")?.map(|kv| kv.value),
+            value_of(c.as_ref(), "f").await?,
             Some(b("new")),
             "the fenced key"
         );
@@ -476,12 +467,12 @@ cases! {
             new.fencing_token()
         );
         let stale = c
-            .txn(TxnRequest::new().when([Compare::held(&old)]).then([Op::put("f", "old")]))
+            .txn(fenced_put(&old, "f", "old"))
             .await
             .ctx("fenced write with the revoked guard")?;
         ensure!(!stale.succeeded, "expected a fenced write with the revoked guard to fail");
         let fresh = c
-            .txn(TxnRequest::new().when([Compare::held(&new)]).then([Op::put("f", "new")]))
+            .txn(fenced_put(&new, "f", "new"))
             .await
             .ctx("fenced write with the new guard")?;
         ensure!(fresh.succeeded, "expected the new holder's fenced write to commit");
@@ -515,11 +506,7 @@ cases! {
             "expected x to stay held by the new holder after the stale guard's release"
         );
         let o = c
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&new)])
-                    .then([Op::put("f", "new")]),
-            )
+            .txn(fenced_put(&new, "f", "new"))
             .await
             .ctx("fenced write")?;
         ensure!(
@@ -669,9 +656,7 @@ cases! {
     #[case("lock::entries_hidden_from_kv")]
     async fn hidden(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("k", b("mine"), PutOptions::default())
-            .await
-            .ctx("put k")?;
+        put_value(h.as_ref(), "k", "mine").await?;
         let g1 = must_lock(h.as_ref(), "k", cx.long_lock()).await?;
         let g2 = must_lock(h.as_ref(), "other", cx.long_lock()).await?;
         ensure_eq!(
@@ -680,7 +665,7 @@ cases! {
             "keys listed while two locks are held"
         );
         ensure_eq!(
-            h.get("k").await.ctx("get k")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "k").await?,
             Some(b("mine")),
             "the user key named like a held lock"
         );
