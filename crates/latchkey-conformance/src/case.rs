@@ -352,6 +352,12 @@ pub(crate) fn expect_conflict<T: fmt::Debug>(
     }
 }
 
+/// A stored decimal number (`None` if the bytes are not one): counters
+/// kept as text by the workload cases.
+pub(crate) fn parse_num<T: std::str::FromStr>(v: &[u8]) -> Option<T> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// A fenced write: `put(key, value)` only while `g`'s holding exists.
 pub(crate) fn fenced_put(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
     TxnRequest::new()

@@ -2,7 +2,7 @@
 //! guard's holding still exists.
 
 use crate::case::{
-    b, ensure, ensure_eq, fenced_put, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
+    b, ensure, ensure_eq, fenced_put, parse_num, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
 };
 use latchkey_core::{Compare, LockGuard, Op, OpResult, TxnRequest};
 
@@ -182,10 +182,7 @@ cases! {
                     let (n, cmp) = match &cur {
                         None => (0, Compare::absent("counter")),
                         Some(kv) => (
-                            std::str::from_utf8(&kv.value)
-                                .ok()
-                                .and_then(|s| s.parse::<u64>().ok())
-                                .unwrap_or(1_000_000),
+                            parse_num::<u64>(&kv.value).unwrap_or(1_000_000),
                             Compare::revision("counter", latchkey_core::CmpOp::Equal, kv.revision),
                         ),
                     };

@@ -1,7 +1,7 @@
 //! Input cases: every invalid key, value or argument yields its typed error
 //! and changes nothing.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx};
+use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, put_value, CaseResult, Cx, ErrCtx};
 use latchkey_core::{
     Backend, Bytes, Compare, DeleteOptions, Error, ListOptions, LockOptions, Op, PutOptions,
     TxnRequest,
@@ -27,10 +27,7 @@ fn too_long() -> String {
 /// Seeds one key so that "changes nothing" can be checked afterwards.
 async fn seed(cx: &Cx) -> Result<(Arc<dyn Backend>, u64), crate::case::Fail> {
     let h = cx.open().await?;
-    let r = h
-        .put("seed", b("seed"), PutOptions::default())
-        .await
-        .ctx("put seed")?;
+    let r = put_value(h.as_ref(), "seed", "seed").await?;
     Ok((h, r))
 }
 

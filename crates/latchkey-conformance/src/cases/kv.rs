@@ -2,8 +2,8 @@
 //! namespaces, and a linearizability check of concurrent register ops.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, gates, put_value, value_of,
-    CaseResult, Cx, ErrCtx, Fail,
+    all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, gates, parse_num, put_value,
+    value_of, CaseResult, Cx, ErrCtx, Fail,
 };
 use crate::checkers::{check_kv, Clock, KvInput, KvOperation, KvOutput, Operation, Verdict};
 use bytes::Bytes;
@@ -581,10 +581,7 @@ cases! {
                     let (n, opts) = match cur {
                         None => (0, PutOptions::if_absent()),
                         Some(kv) => (
-                            std::str::from_utf8(&kv.value)
-                                .ok()
-                                .and_then(|s| s.parse::<u64>().ok())
-                                .unwrap_or(u64::MAX),
+                            parse_num::<u64>(&kv.value).unwrap_or(u64::MAX),
                             PutOptions::if_revision(kv.revision),
                         ),
                     };

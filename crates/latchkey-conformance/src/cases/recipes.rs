@@ -4,7 +4,9 @@
 //! with the same guarantees as a lock; histories are checked with the
 //! exclusion checker and a generalised "at most N at once" checker.
 
-use crate::case::{b, ensure, ensure_eq, expect_err, poll_until, CaseResult, Cx, ErrCtx, Fail};
+use crate::case::{
+    b, ensure, ensure_eq, expect_err, poll_until, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
+};
 use crate::checkers::{check_exclusion, Clock, Holding};
 use futures::StreamExt;
 use latchkey_core::{
@@ -638,7 +640,7 @@ cases! {
         ensure!(g2.fencing_token() > g1.fencing_token(), "expected the second writer's token > {}, got {}", g1.fencing_token(), g2.fencing_token());
         ensure!(!a.txn(fenced(&g1, "stale")).await.ctx("stale fenced write")?.succeeded, "expected the released writer's fenced write to fail");
         ensure!(c.txn(fenced(&g2, "2")).await.ctx("fenced write")?.succeeded, "expected the current writer's fenced write to commit");
-        ensure_eq!(c.get("data").await.ctx("get")?.map(|kv| kv.value), Some(b("2")), "the fenced key");
+        ensure_eq!(value_of(c.as_ref(), "data").await?, Some(b("2")), "the fenced key");
         g2.release().await.ctx("release")?;
         Ok(())
     }
@@ -667,8 +669,8 @@ cases! {
     #[case("recipes::mirror_follows_own_writes")]
     async fn mirror_follows(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        a.put("cfg/a", b("1"), PutOptions::default()).await.ctx("put")?;
-        a.put("cfgx", b("outside"), PutOptions::default()).await.ctx("put")?;
+        put_value(a.as_ref(), "cfg/a", "1").await?;
+        put_value(a.as_ref(), "cfgx", "outside").await?;
         let m = Mirror::start(c.clone(), "cfg/").await.ctx("Mirror::start")?;
         let s = m.snapshot();
         ensure_eq!(s.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect::<Vec<_>>(), vec![("cfg/a".to_string(), b("1"))], "the initial mirror");
@@ -676,10 +678,10 @@ cases! {
             tokio::time::timeout(Duration::from_secs(10), m.wait_for(r)).await
                 .map_err(|_| Fail(format!("expected the mirror to reach revision {r} within 10 s, it is at {}", m.revision())))?
                 .ctx("wait_for") } };
-        let r = a.put("cfg/b", b("2"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(a.as_ref(), "cfg/b", "2").await?;
         ensure_eq!(wait(r).await?.get("cfg/b").map(|kv| kv.value.clone()), Some(b("2")), "cfg/b in the mirror after its put");
         a.delete("cfg/a", DeleteOptions::default()).await.ctx("delete")?;
-        let r = a.put("cfg/c", b("3"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(a.as_ref(), "cfg/c", "3").await?;
         let s = wait(r).await?;
         ensure!(s.get("cfg/a").is_none(), "expected the deleted cfg/a to be gone from the mirror, got {:?}", s.get("cfg/a"));
         let o = a.txn(TxnRequest::new().then([Op::put("cfg/d", "4"), Op::delete("cfg/b")])).await.ctx("txn")?;
@@ -728,7 +730,7 @@ cases! {
         }
         join_all(tasks).await?;
         let h = cx.open().await?;
-        let r = h.put("m/final", b("f"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(h.as_ref(), "m/final", "f").await?;
         let s = tokio::time::timeout(Duration::from_secs(20), m.wait_for(r)).await
             .map_err(|_| Fail(format!("expected the mirror to reach revision {r} (seed {seed})")))?.ctx("wait_for")?;
         let listed = h.list("m/", ListOptions::default()).await.ctx("list")?;
@@ -750,8 +752,8 @@ cases! {
             let mut last = 0;
             for i in 1..=30u32 {
                 // Two separate writes: a first, then b; b may never lead.
-                a.put("m/a", b(&i.to_string()), PutOptions::default()).await.ctx("put a")?;
-                last = a.put("m/b", b(&i.to_string()), PutOptions::default()).await.ctx("put b")?;
+                put_value(a.as_ref(), "m/a", &i.to_string()).await?;
+                last = put_value(a.as_ref(), "m/b", &i.to_string()).await?;
             }
             Ok::<_, Fail>(last)
         });
@@ -779,15 +781,15 @@ cases! {
     #[case("recipes::mirror_resyncs_after_watch_failure")]
     async fn mirror_resync(cx: Cx) -> CaseResult {
         let (a, c) = (cx.open().await?, cx.open().await?);
-        a.put("m/keep", b("1"), PutOptions::default()).await.ctx("put")?;
-        a.put("m/gone", b("1"), PutOptions::default()).await.ctx("put")?;
+        put_value(a.as_ref(), "m/keep", "1").await?;
+        put_value(a.as_ref(), "m/gone", "1").await?;
         let kill = tokio::sync::watch::channel(0u64).0;
         let flaky: Arc<dyn Backend> = Arc::new(BreakableWatches { inner: c, kill: kill.clone() });
         let m = Mirror::start(flaky, "m/").await.ctx("Mirror::start")?;
         ensure_eq!(m.snapshot().len(), 2, "keys in the first mirror state");
         kill.send_modify(|n| *n += 1);
         a.delete("m/gone", DeleteOptions::default()).await.ctx("delete")?;
-        let r = a.put("m/new", b("2"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(a.as_ref(), "m/new", "2").await?;
         let s = tokio::time::timeout(Duration::from_secs(20), m.wait_for(r)).await
             .map_err(|_| Fail(format!("expected the mirror to resynchronise to revision {r} within 20 s (last error: {:?})", m.last_error())))?
             .ctx("wait_for")?;
@@ -798,7 +800,7 @@ cases! {
             async move { Ok(Some(m.resyncs()).filter(|n| *n > 0)) }
         }).await?;
         ensure!(resyncs >= 1 && m.snapshot().generation() >= 1, "expected the resync to be counted, resyncs = {resyncs}, generation = {}", m.snapshot().generation());
-        let r = a.put("m/after", b("3"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(a.as_ref(), "m/after", "3").await?;
         let s = tokio::time::timeout(Duration::from_secs(10), m.wait_for(r)).await
             .map_err(|_| Fail("expected the mirror to keep following after the resync".into()))?.ctx("wait_for")?;
         ensure_eq!(s.get("m/after").map(|kv| kv.value.clone()), Some(b("3")), "m/after in the mirror");

@@ -2,7 +2,7 @@
 //! a plain put, TTLs via CAS and txn, and revisions after expiry.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, gates, poll_until, CaseResult, Cx, ErrCtx, Fail,
+    all_keys, b, ensure, ensure_eq, gates, poll_until, put_value, CaseResult, Cx, ErrCtx, Fail,
 };
 use latchkey_core::{Op, PutOptions, TxnRequest};
 use std::sync::Arc;
@@ -33,6 +33,29 @@ async fn expect_expiry(
     .await
 }
 
+/// Checks `key` exists all along the old TTL's expiry bound from `since`
+/// (time passing is what is tested): the key must `live`, as the failure
+/// says.
+async fn expect_outlives(
+    cx: &Cx,
+    h: &Arc<dyn latchkey_core::Backend>,
+    key: &str,
+    old_ttl: Duration,
+    since: Instant,
+    live: &str,
+) -> CaseResult {
+    let bound = cx.expiry_bound(old_ttl);
+    while since.elapsed() < bound {
+        ensure!(
+            h.get(key).await.ctx("get")?.is_some(),
+            "expected {key} to {live}, it was gone after {:?}",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 cases! {
     /// A key put with a TTL exists (with `lease_ttl` set) until at least
     /// half its TTL, and is gone — from get and from list — within TTL +
@@ -45,9 +68,7 @@ cases! {
         h.put("k", b("v"), PutOptions::ttl(ttl))
             .await
             .ctx("put with TTL")?;
-        h.put("stay", b("v"), PutOptions::default())
-            .await
-            .ctx("put without TTL")?;
+        put_value(h.as_ref(), "stay", "v").await?;
         let kv = h
             .get("k")
             .await
@@ -75,9 +96,7 @@ cases! {
         h.put("k", b("1"), PutOptions::ttl(ttl))
             .await
             .ctx("put with TTL")?;
-        h.put("k", b("2"), PutOptions::default())
-            .await
-            .ctx("put without TTL")?;
+        put_value(h.as_ref(), "k", "2").await?;
         let t = Instant::now();
         let kv = h
             .get("k")
@@ -85,17 +104,7 @@ cases! {
             .ctx("get")?
             .ok_or_else(|| Fail("expected k to exist".into()))?;
         ensure_eq!(kv.lease_ttl, None, "lease_ttl after a put without TTL");
-        let bound = cx.expiry_bound(ttl);
-        // Time passing is what is tested: check the key all along the old TTL.
-        while t.elapsed() < bound {
-            ensure!(
-                h.get("k").await.ctx("get")?.is_some(),
-                "expected k to survive its removed TTL, it was gone after {:?}",
-                t.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        expect_outlives(&cx, &h, "k", ttl, t, "survive its removed TTL").await
     }
 
     /// A TTL key recreated after it expired gets a larger revision than
@@ -126,7 +135,7 @@ cases! {
     async fn cas_ttl(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
-        let r = h.put("k", b("1"), PutOptions::default()).await.ctx("put")?;
+        let r = put_value(h.as_ref(), "k", "1").await?;
         let t = Instant::now();
         h.put("k", b("2"), PutOptions::if_revision(r).with_ttl(ttl))
             .await
@@ -165,15 +174,6 @@ cases! {
         h.put("k", b("2"), PutOptions::ttl(Duration::from_secs(60)))
             .await
             .ctx("put with a 60 s TTL")?;
-        let bound = cx.expiry_bound(ttl);
-        while t.elapsed() < bound {
-            ensure!(
-                h.get("k").await.ctx("get")?.is_some(),
-                "expected k to live on with its new 60 s TTL, it was gone after {:?}",
-                t.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        expect_outlives(&cx, &h, "k", ttl, t, "live on with its new 60 s TTL").await
     }
 }

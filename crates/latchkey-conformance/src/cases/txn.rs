@@ -1,8 +1,11 @@
 //! Txn cases: every compare kind, both branches, results, atomicity and
 //! isolation under concurrency, and the op limit.
 
-use crate::case::{all_keys, b, ensure, ensure_eq, expect_err, CaseResult, Cx, ErrCtx, Fail};
-use latchkey_core::{CmpOp, Compare, Error, Op, OpResult, PutOptions, Txn, TxnOutcome, TxnRequest};
+use crate::case::{
+    all_keys, b, ensure, ensure_eq, expect_err, parse_num, put_value, value_of, CaseResult, Cx,
+    ErrCtx, Fail,
+};
+use latchkey_core::{CmpOp, Compare, Error, Op, OpResult, Txn, TxnOutcome, TxnRequest};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -75,9 +78,7 @@ cases! {
     #[case("txn::compare_value_both_branches")]
     async fn compare_value(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        h.put("s", b("active"), PutOptions::default())
-            .await
-            .ctx("put s")?;
+        put_value(h.as_ref(), "s", "active").await?;
         let t = |expect: &str| {
             TxnRequest::new()
                 .when([Compare::value("s", expect.to_string())])
@@ -87,7 +88,7 @@ cases! {
         let o = h.txn(t("active")).await.ctx("txn value == active")?;
         ensure!(o.succeeded, "expected value(s) == \"active\" to hold");
         ensure_eq!(
-            h.get("branch").await.ctx("get")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "branch").await?,
             Some(b("then")),
             "the key written by the then branch"
         );
@@ -97,7 +98,7 @@ cases! {
             "expected value(s) == \"inactive\" not to hold"
         );
         ensure_eq!(
-            h.get("branch").await.ctx("get")?.map(|kv| kv.value),
+            value_of(h.as_ref(), "branch").await?,
             Some(b("otherwise")),
             "the key written by the otherwise branch"
         );
@@ -132,9 +133,7 @@ cases! {
             branch(h.as_ref(), Compare::absent("e")).await?,
             "expected absent(e) to be true before any write"
         );
-        h.put("e", b(""), PutOptions::default())
-            .await
-            .ctx("put e")?;
+        put_value(h.as_ref(), "e", "").await?;
         ensure!(
             branch(h.as_ref(), Compare::exists("e")).await?,
             "expected exists(e) after a put (of an empty value)"
@@ -160,10 +159,7 @@ cases! {
     #[case("txn::compare_revision_all_ops")]
     async fn compare_revision(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h
-            .put("r", b("v"), PutOptions::default())
-            .await
-            .ctx("put r")?;
+        let r = put_value(h.as_ref(), "r", "v").await?;
         let table = [
             (CmpOp::Equal, r, true),
             (CmpOp::Equal, r + 1, false),
@@ -199,13 +195,8 @@ cases! {
     #[case("txn::get_ops_in_results")]
     async fn get_results(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let ra = h
-            .put("a", b("A"), PutOptions::default())
-            .await
-            .ctx("put a")?;
-        h.put("d", b("D"), PutOptions::default())
-            .await
-            .ctx("put d")?;
+        let ra = put_value(h.as_ref(), "a", "A").await?;
+        put_value(h.as_ref(), "d", "D").await?;
         let o = h
             .txn(TxnRequest::new().when([Compare::exists("a")]).then([
                 Op::get("a"),
@@ -248,13 +239,8 @@ cases! {
     #[case("txn::otherwise_branch_runs_its_ops")]
     async fn otherwise_ops(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let rx = h
-            .put("x", b("X"), PutOptions::default())
-            .await
-            .ctx("put x")?;
-        h.put("gone", b("G"), PutOptions::default())
-            .await
-            .ctx("put gone")?;
+        let rx = put_value(h.as_ref(), "x", "X").await?;
+        put_value(h.as_ref(), "gone", "G").await?;
         let o = h
             .txn(
                 TxnRequest::new()
@@ -288,10 +274,7 @@ cases! {
     #[case("txn::all_compares_must_hold")]
     async fn all_compares(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
-        let r = h
-            .put("a", b("1"), PutOptions::default())
-            .await
-            .ctx("put a")?;
+        let r = put_value(h.as_ref(), "a", "1").await?;
         let then: Vec<Op> = (0..5).map(|i| Op::put(format!("w{i}"), "x")).collect();
         let o = h
             .txn(
@@ -401,10 +384,7 @@ cases! {
     #[case("txn::concurrent_increments_8x50", destructive = true)]
     async fn concurrent_increments(cx: Cx) -> CaseResult {
         let handles = cx.open_n(4).await?;
-        handles[0]
-            .put("n", b("0"), PutOptions::default())
-            .await
-            .ctx("put n")?;
+        put_value(handles[0].as_ref(), "n", "0").await?;
         let mut tasks = Vec::new();
         for i in 0..8 {
             let h = handles[i % 4].clone();
@@ -415,10 +395,7 @@ cases! {
                         .get("n")
                         .await?
                         .ok_or_else(|| Error::InvalidArgument("counter vanished".into()))?;
-                    let n: u64 = std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(u64::MAX / 2);
+                    let n: u64 = parse_num(&kv.value).unwrap_or(u64::MAX / 2);
                     let o = h
                         .txn(
                             TxnRequest::new()
@@ -439,7 +416,7 @@ cases! {
                 .ctx("an increment task")?;
         }
         ensure_eq!(
-            handles[0].get("n").await.ctx("get n")?.map(|kv| kv.value),
+            value_of(handles[0].as_ref(), "n").await?,
             Some(b("400")),
             "the counter after 8×50 txn increments"
         );
@@ -470,10 +447,7 @@ cases! {
                     let mut total = 0i64;
                     for r in &o.results {
                         if let OpResult::Get(Some(kv)) = r {
-                            total += std::str::from_utf8(&kv.value)
-                                .ok()
-                                .and_then(|s| s.parse::<i64>().ok())
-                                .unwrap_or(-1_000_000);
+                            total += parse_num::<i64>(&kv.value).unwrap_or(-1_000_000);
                         } else {
                             return Err(Fail(format!(
                                 "expected every account to exist in a read txn, got {r:?}"
@@ -514,14 +488,8 @@ cases! {
                                 o.results
                             )));
                         };
-                        let fv: i64 = std::str::from_utf8(&f.value)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0);
-                        let tv: i64 = std::str::from_utf8(&tk.value)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0);
+                        let fv: i64 = parse_num(&f.value).unwrap_or(0);
+                        let tv: i64 = parse_num(&tk.value).unwrap_or(0);
                         let o = h
                             .txn(
                                 TxnRequest::new()
@@ -573,10 +541,7 @@ cases! {
                 .await
                 .ctx("get account")?
                 .ok_or_else(|| Fail(format!("expected {a} to exist")))?;
-            total += std::str::from_utf8(&kv.value)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .unwrap_or(-1_000_000);
+            total += parse_num::<i64>(&kv.value).unwrap_or(-1_000_000);
         }
         ensure_eq!(total, 500, "the total of all accounts after the transfers");
         Ok(())

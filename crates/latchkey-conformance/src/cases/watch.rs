@@ -1,7 +1,7 @@
 //! Watch cases: order, revisions, prefixes, resume, coalescing where the
 //! backend declares it, namespaces, txn writes and expiry.
 
-use crate::case::{b, ensure, ensure_eq, gates, CaseResult, Cx, ErrCtx, Fail};
+use crate::case::{b, ensure, ensure_eq, gates, put_value, CaseResult, Cx, ErrCtx, Fail};
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
@@ -125,21 +125,12 @@ cases! {
     async fn in_order(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
         let mut s = w.watch("w/", None).await.ctx("watch w/")?;
-        let r1 = h
-            .put("w/a", b("1"), PutOptions::default())
-            .await
-            .ctx("put")?;
-        let r2 = h
-            .put("w/b", b("2"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        let r1 = put_value(h.as_ref(), "w/a", "1").await?;
+        let r2 = put_value(h.as_ref(), "w/b", "2").await?;
         h.delete("w/a", DeleteOptions::default())
             .await
             .ctx("delete")?;
-        let r4 = h
-            .put("w/a", b("3"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        let r4 = put_value(h.as_ref(), "w/a", "3").await?;
         expect_events(
             &cx,
             &mut s,
@@ -161,10 +152,7 @@ cases! {
         let mut s = w.watch("app", None).await.ctx("watch app")?;
         let mut expected = Vec::new();
         for k in ["ap", "b", "apple", "aq", "xapp", "app/1"] {
-            let r = h
-                .put(k, b(k), PutOptions::default())
-                .await
-                .ctx(format!("put {k}"))?;
+            let r = put_value(h.as_ref(), k, k).await?;
             if k.starts_with("app") {
                 expected.push(put(k, k, r));
             }
@@ -180,10 +168,7 @@ cases! {
         let mut s = w.watch("", None).await.ctx("watch \"\"")?;
         let mut expected = Vec::new();
         for k in ["/lead", "with space", "ünï/✓", "z"] {
-            let r = h
-                .put(k, b("v"), PutOptions::default())
-                .await
-                .ctx(format!("put {k:?}"))?;
+            let r = put_value(h.as_ref(), k, "v").await?;
             expected.push(put(k, "v", r));
         }
         expect_events(&cx, &mut s, &expected).await
@@ -198,19 +183,14 @@ cases! {
         let mut revs = Vec::new();
         for i in 0..5 {
             revs.push(
-                h.put(&format!("rs/{i}"), b(&i.to_string()), PutOptions::default())
-                    .await
-                    .ctx("put")?,
+                put_value(h.as_ref(), &format!("rs/{i}"), &i.to_string()).await?,
             );
         }
         let mut s = w
             .watch("rs/", Some(revs[2]))
             .await
             .ctx(format!("watch rs/ from revision {}", revs[2]))?;
-        let r5 = h
-            .put("rs/5", b("5"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        let r5 = put_value(h.as_ref(), "rs/5", "5").await?;
         let mut expected: Vec<Expect> = (2..5)
             .map(|i| put(&format!("rs/{i}"), &i.to_string(), revs[i]))
             .collect();
@@ -233,18 +213,12 @@ cases! {
     #[case("watch::resume_from_next_revision_sees_only_new", gate = gates::watch_resume)]
     async fn resume_next(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
-        let r = h
-            .put("rn/old", b("old"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        let r = put_value(h.as_ref(), "rn/old", "old").await?;
         let mut s = w
             .watch("rn/", Some(r + 1))
             .await
             .ctx("watch from the next revision")?;
-        let r2 = h
-            .put("rn/new", b("new"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        let r2 = put_value(h.as_ref(), "rn/new", "new").await?;
         let ev = next_event(&mut s, "the first event after the resume point").await?;
         ensure!(
             matches(&ev, &put("rn/new", "new", r2)),
@@ -262,10 +236,7 @@ cases! {
         let mut s = w.watch("c", None).await.ctx("watch c")?;
         let mut expected = Vec::new();
         for i in 0..100 {
-            let r = h
-                .put("c", b(&i.to_string()), PutOptions::default())
-                .await
-                .ctx("put")?;
+            let r = put_value(h.as_ref(), "c", &i.to_string()).await?;
             expected.push(put("c", &i.to_string(), r));
         }
         expect_events(&cx, &mut s, &expected).await
@@ -281,10 +252,7 @@ cases! {
         let mut expected = Vec::new();
         for i in 0..10 {
             let k = format!("tw/{}", i % 3);
-            let r = h
-                .put(&k, b(&i.to_string()), PutOptions::default())
-                .await
-                .ctx("put")?;
+            let r = put_value(h.as_ref(), &k, &i.to_string()).await?;
             expected.push(put(&k, &i.to_string(), r));
         }
         expect_events(&cx, &mut s1, &expected).await?;
@@ -302,10 +270,7 @@ cases! {
         o.put("k", b("other-namespace"), PutOptions::default())
             .await
             .ctx("put in other namespace")?;
-        let r = w
-            .put("marker", b("m"), PutOptions::default())
-            .await
-            .ctx("put marker")?;
+        let r = put_value(w.as_ref(), "marker", "m").await?;
         let ev = next_event(&mut s, "the marker event").await?;
         ensure!(
             matches(&ev, &put("marker", "m", r)),
@@ -319,17 +284,12 @@ cases! {
     #[case("watch::txn_writes_reported")]
     async fn txn_writes(cx: Cx) -> CaseResult {
         let (w, h) = (cx.open().await?, cx.open().await?);
-        h.put("t/c", b("old"), PutOptions::default())
-            .await
-            .ctx("put")?;
+        put_value(h.as_ref(), "t/c", "old").await?;
         let mut s = w.watch("t/", None).await.ctx("watch")?;
         h.txn(TxnRequest::new().then([Op::put("t/a", "A"), Op::put("t/b", "B"), Op::delete("t/c")]))
             .await
             .ctx("txn")?;
-        let marker = h
-            .put("t/z", b("marker"), PutOptions::default())
-            .await
-            .ctx("put marker")?;
+        let marker = put_value(h.as_ref(), "t/z", "marker").await?;
         let mut seen = Vec::new();
         loop {
             let ev = next_event(&mut s, "events of the txn and the marker").await?;
