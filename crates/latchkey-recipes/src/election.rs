@@ -17,6 +17,7 @@
 //! - A leader that dies is replaced when its lock expires: within the TTL
 //!   plus the backend's TTL granularity.
 
+use crate::util::{delete_if_value, txn_fenced_delete};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -133,7 +134,7 @@ impl Election {
         let key_ttl = self.backend.capabilities().native_ttl.then_some(self.ttl);
         // Cancelled between here and the return: the guard is dropped (the
         // lock released); this removes the record if it is still ours.
-        let cleanup = latchkey_core::CancelOnDrop::new(delete_if_ours(
+        let cleanup = latchkey_core::CancelOnDrop::new(delete_if_value(
             self.backend.clone(),
             self.key.clone(),
             record.clone(),
@@ -224,16 +225,6 @@ fn publish(guard: &LockGuard, key: &str, record: Bytes, ttl: Option<Duration>) -
             Some(t) => Op::put_with_ttl(key, record, t),
             None => Op::put(key, record),
         }])
-}
-
-async fn delete_if_ours(backend: Arc<dyn Backend>, key: String, record: Bytes) {
-    let _ = backend
-        .txn(
-            TxnRequest::new()
-                .when([Compare::value(key.clone(), record)])
-                .then([Op::delete(key)]),
-        )
-        .await;
 }
 
 /// Opens the watch first, then reads, so no change between the two is missed.
@@ -430,14 +421,7 @@ impl Leadership {
         if let Some(k) = self.keepalive.take() {
             k.abort();
         }
-        let deleted = self
-            .backend
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&guard)])
-                    .then([Op::delete(self.key.clone())]),
-            )
-            .await;
+        let deleted = self.backend.txn(txn_fenced_delete(&guard, &self.key)).await;
         let released = guard.release().await;
         deleted?;
         released
@@ -458,7 +442,7 @@ impl Drop for Leadership {
                     if let Some(k) = keepalive {
                         k.abort();
                     }
-                    delete_if_ours(backend, key, rec.clone()).await;
+                    delete_if_value(backend, key, rec.clone()).await;
                     let _ = guard.release().await;
                 });
             }

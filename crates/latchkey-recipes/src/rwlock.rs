@@ -26,7 +26,7 @@
 //! paused past its TTL may be overtaken by a writer). The write guard's
 //! writes should be fenced with [`WriteGuard::fence`].
 
-use crate::util::unique_id;
+use crate::util::{delete_if_value, txn_delete_if_value, txn_fenced_delete, unique_id};
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
@@ -122,11 +122,7 @@ impl RwLock {
         }
         // Once not held, a lease is never held again: safe to remove.
         self.backend
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::value(key, value.clone())])
-                    .then([Op::delete(key)]),
-            )
+            .txn(txn_delete_if_value(key, value.clone()))
             .await?;
         Ok(false)
     }
@@ -293,16 +289,6 @@ async fn wait_change(watch: &mut WatchStream, prefix: &str, bound: Duration) -> 
     }
 }
 
-async fn delete_if_value(backend: Arc<dyn Backend>, key: String, value: Bytes) {
-    let _ = backend
-        .txn(
-            TxnRequest::new()
-                .when([Compare::value(key.clone(), value)])
-                .then([Op::delete(key)]),
-        )
-        .await;
-}
-
 /// Shared access. Released by [`release`](Self::release) or on drop.
 pub struct ReadGuard {
     guard: Option<LockGuard>,
@@ -336,11 +322,7 @@ impl ReadGuard {
         }
         let del = self
             .backend
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::value(&self.key, self.value.clone())])
-                    .then([Op::delete(&self.key)]),
-            )
+            .txn(txn_delete_if_value(&self.key, self.value.clone()))
             .await;
         let rel = self.g().release().await;
         del?;
@@ -416,11 +398,7 @@ impl WriteGuard {
             Ok(())
         } else {
             self.backend
-                .txn(
-                    TxnRequest::new()
-                        .when([Compare::held(g)])
-                        .then([Op::delete(&self.key)]),
-                )
+                .txn(txn_fenced_delete(g, &self.key))
                 .await
                 .map(|_| ())
         };
@@ -441,13 +419,7 @@ impl Drop for WriteGuard {
         let (backend, key) = (self.backend.clone(), self.key.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = backend
-                    .txn(
-                        TxnRequest::new()
-                            .when([Compare::held(&guard)])
-                            .then([Op::delete(&key)]),
-                    )
-                    .await;
+                let _ = backend.txn(txn_fenced_delete(&guard, &key)).await;
                 let _ = guard.release().await;
             });
         }

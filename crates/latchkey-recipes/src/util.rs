@@ -1,10 +1,13 @@
 //! Small pieces shared by the recipes: unique ids, the leader record
-//! encoding and a keep-alive loop for TTL keys.
+//! encoding, a keep-alive loop for TTL keys and the guarded deletes that
+//! remove a recipe's own records.
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use latchkey_core::{Error, LostTrigger, Result};
+use latchkey_core::{Backend, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -67,6 +70,28 @@ pub(crate) fn spawn_keepalive(
             }
         }
     })
+}
+
+/// Deletes `key` only while its value is still `value`: removes a record
+/// this recipe wrote, never one that has replaced it since.
+pub(crate) fn txn_delete_if_value(key: &str, value: Bytes) -> TxnRequest {
+    TxnRequest::new()
+        .when([Compare::value(key, value)])
+        .then([Op::delete(key)])
+}
+
+/// Deletes `key` only while `guard` holds (a fenced delete).
+pub(crate) fn txn_fenced_delete(guard: &LockGuard, key: &str) -> TxnRequest {
+    TxnRequest::new()
+        .when([Compare::held(guard)])
+        .then([Op::delete(key)])
+}
+
+/// [`txn_delete_if_value`], best effort: for a cancelled waiter's or a
+/// dropped guard's cleanup, where nobody is left to see an error (a record
+/// left behind is judged by its lease later).
+pub(crate) async fn delete_if_value(backend: Arc<dyn Backend>, key: String, value: Bytes) {
+    let _ = backend.txn(txn_delete_if_value(&key, value)).await;
 }
 
 /// `[Error::InvalidArgument]` with a message.
