@@ -6,12 +6,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
-    Backend, Capabilities, DeleteOptions, DistributedLock, Error, KeyValue, KvStore, ListOptions,
-    LockGuard, LockOptions, Op, PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest,
-    WatchStream,
+    Backend, Capabilities, Compare, DeleteOptions, DistributedLock, Error, KeyValue, KvStore,
+    ListOptions, LockGuard, LockOptions, Op, PutOptions, Result, Revision, Txn, TxnOutcome,
+    TxnRequest, WatchStream,
 };
 use latchkey_mem::MemStore;
-use latchkey_recipes::{Election, Mirror, RwLock, Semaphore};
+use latchkey_recipes::{Election, Mirror, RwLock, Semaphore, Snapshot};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,47 @@ fn handle(store: &MemStore) -> Arc<dyn Backend> {
 }
 
 const T: Duration = Duration::from_secs(10);
+
+/// The value a task returned, which must come within [`T`] and be `Ok`.
+async fn joined<R>(task: tokio::task::JoinHandle<Result<R>>) -> R {
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
+/// Whether `put(key, value)` fenced by `fence` commits.
+async fn fenced_put(h: &dyn Backend, fence: Compare, key: &str, value: &str) -> bool {
+    h.txn(
+        TxnRequest::new()
+            .when([fence])
+            .then([Op::put(key, value.to_string())]),
+    )
+    .await
+    .unwrap()
+    .succeeded
+}
+
+/// Puts `value` at `key` and returns the revision.
+async fn put(h: &dyn KvStore, key: &str, value: impl Into<Bytes>) -> Revision {
+    h.put(key, value.into(), PutOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Writes `<prefix>final` through `h`, waits (within [`T`]) for the mirror
+/// to reach it, and returns the mirror's snapshot then and the store's
+/// listing of `prefix`: the two a mirror test compares.
+async fn settled(m: &Mirror, h: &dyn Backend, prefix: &str) -> (Arc<Snapshot>, Vec<KeyValue>) {
+    let r = put(h, &format!("{prefix}final"), "f").await;
+    let s = tokio::time::timeout(T, m.wait_for(r))
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = h.list(prefix, ListOptions::default()).await.unwrap();
+    (s, listed)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_hands_over_in_order_and_observe_follows() {
@@ -40,11 +81,7 @@ async fn election_hands_over_in_order_and_observe_follows() {
     );
     let t1 = l1.term();
     l1.resign().await.unwrap();
-    let l2 = tokio::time::timeout(T, waiting)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let l2 = joined(waiting).await;
     assert!(l2.term() > t1);
     // Either the vacancy then the new leader, or (coalesced) just the new one.
     let mut next = obs.next().await.unwrap().unwrap();
@@ -91,25 +128,9 @@ async fn expired_leader_is_replaced_and_fenced_out() {
     .unwrap();
     assert!(new.term() > old.term());
     tokio::time::timeout(T, old.lost()).await.unwrap();
-    let stale = a
-        .txn(
-            TxnRequest::new()
-                .when([old.fence()])
-                .then([Op::put("x", "old")]),
-        )
-        .await
-        .unwrap();
-    assert!(!stale.succeeded);
+    assert!(!fenced_put(a.as_ref(), old.fence(), "x", "old").await);
     assert!(old.proclaim("still me").await.is_err());
-    let fresh = b
-        .txn(
-            TxnRequest::new()
-                .when([new.fence()])
-                .then([Op::put("x", "new")]),
-        )
-        .await
-        .unwrap();
-    assert!(fresh.succeeded);
+    assert!(fenced_put(b.as_ref(), new.fence(), "x", "new").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,11 +158,7 @@ async fn semaphore_bounds_holders_and_checks_the_count() {
     );
     let waiter = tokio::spawn(async move { other.acquire("s", 2).await });
     p1.release().await.unwrap();
-    let p3 = tokio::time::timeout(T, waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let p3 = joined(waiter).await;
     assert_eq!(p3.slot(), p1.slot());
     assert!(p3.fencing_token() > p1.fencing_token());
     drop((p2, p3));
@@ -183,29 +200,12 @@ async fn rwlock_readers_share_writer_excludes_and_is_preferred() {
     );
     r1.release().await.unwrap();
     drop(r2);
-    let g = tokio::time::timeout(T, writer)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = joined(writer).await;
     assert!(!late_read.is_finished());
     let h = handle(&store);
-    assert!(
-        h.txn(
-            TxnRequest::new()
-                .when([g.fence()])
-                .then([Op::put("data", "w")])
-        )
-        .await
-        .unwrap()
-        .succeeded
-    );
+    assert!(fenced_put(h.as_ref(), g.fence(), "data", "w").await);
     g.release().await.unwrap();
-    let r3 = tokio::time::timeout(T, late_read)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let r3 = joined(late_read).await;
     r3.release().await.unwrap();
 }
 
@@ -282,14 +282,8 @@ impl Backend for Flaky {
 async fn mirror_follows_and_resyncs_atomically() {
     let store = MemStore::new();
     let writer = handle(&store);
-    writer
-        .put("cfg/a", Bytes::from("1"), PutOptions::default())
-        .await
-        .unwrap();
-    writer
-        .put("other", Bytes::from("x"), PutOptions::default())
-        .await
-        .unwrap();
+    put(writer.as_ref(), "cfg/a", "1").await;
+    put(writer.as_ref(), "other", "x").await;
     let flaky = Arc::new(Flaky {
         inner: handle(&store),
         kill: tokio::sync::watch::channel(0).0,
@@ -298,10 +292,7 @@ async fn mirror_follows_and_resyncs_atomically() {
     let m = Mirror::start(flaky.clone(), "cfg/").await.unwrap();
     assert_eq!(m.get("cfg/a").unwrap().value, Bytes::from("1"));
     assert!(m.get("other").is_none());
-    let r = writer
-        .put("cfg/b", Bytes::from("2"), PutOptions::default())
-        .await
-        .unwrap();
+    let r = put(writer.as_ref(), "cfg/b", "2").await;
     let s = tokio::time::timeout(T, m.wait_for(r))
         .await
         .unwrap()
@@ -314,10 +305,7 @@ async fn mirror_follows_and_resyncs_atomically() {
         .delete("cfg/a", DeleteOptions::default())
         .await
         .unwrap();
-    let r = writer
-        .put("cfg/c", Bytes::from("3"), PutOptions::default())
-        .await
-        .unwrap();
+    let r = put(writer.as_ref(), "cfg/c", "3").await;
     let s = tokio::time::timeout(T, m.wait_for(r))
         .await
         .unwrap()
@@ -348,9 +336,7 @@ async fn mirror_equals_store_after_concurrent_writes() {
                 if (i + w) % 3 == 0 {
                     h.delete(&key, DeleteOptions::default()).await.unwrap();
                 } else {
-                    h.put(&key, Bytes::from(format!("{w}-{i}")), PutOptions::default())
-                        .await
-                        .unwrap();
+                    put(h.as_ref(), &key, format!("{w}-{i}")).await;
                 }
             }
         }));
@@ -358,16 +344,7 @@ async fn mirror_equals_store_after_concurrent_writes() {
     for t in tasks {
         t.await.unwrap();
     }
-    let h = handle(&store);
-    let r = h
-        .put("k/final", Bytes::from("f"), PutOptions::default())
-        .await
-        .unwrap();
-    let s = tokio::time::timeout(T, m.wait_for(r))
-        .await
-        .unwrap()
-        .unwrap();
-    let listed = h.list("k/", ListOptions::default()).await.unwrap();
+    let (s, listed) = settled(&m, handle(&store).as_ref(), "k/").await;
     let mine: Vec<_> = s
         .iter()
         .map(|kv| (kv.key.clone(), kv.value.clone()))
@@ -430,9 +407,7 @@ proptest::proptest! {
                     for op in ops {
                         match op {
                             MOp::Put(k, v) => {
-                                h.put(&format!("p/{k}"), Bytes::from(vec![v]), PutOptions::default())
-                                    .await
-                                    .unwrap();
+                                put(h.as_ref(), &format!("p/{k}"), vec![v]).await;
                             }
                             MOp::Delete(k) => {
                                 h.delete(&format!("p/{k}"), DeleteOptions::default()).await.unwrap();
@@ -452,10 +427,7 @@ proptest::proptest! {
             for t in tasks {
                 t.await.unwrap();
             }
-            let h = handle(&store);
-            let r = h.put("p/final", Bytes::from("f"), PutOptions::default()).await.unwrap();
-            let s = tokio::time::timeout(T, m.wait_for(r)).await.unwrap().unwrap();
-            let listed = h.list("p/", ListOptions::default()).await.unwrap();
+            let (s, listed) = settled(&m, handle(&store).as_ref(), "p/").await;
             let mine: Vec<_> = s.iter().map(|kv| (kv.key.clone(), kv.value.clone(), kv.revision)).collect();
             let theirs: Vec<_> = listed.into_iter().map(|kv| (kv.key, kv.value, kv.revision)).collect();
             assert_eq!(mine, theirs);
