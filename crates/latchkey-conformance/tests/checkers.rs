@@ -103,6 +103,15 @@ fn exclusion_rejects_malformed() {
 
 // --- linearizability -------------------------------------------------------
 
+/// Fails (showing the verdict) unless the checker found a violation.
+#[track_caller]
+fn assert_violation(verdict: Verdict) {
+    assert!(
+        matches!(verdict, Verdict::NotLinearizable { .. }),
+        "expected a violation, got {verdict:?}"
+    );
+}
+
 fn v(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
@@ -175,7 +184,7 @@ fn two_winning_cas_from_one_revision_is_not_linearizable() {
         op("k", 1, cas(1, "b"), 2, KvOutput::Written(2), 6),
         op("k", 2, cas(1, "c"), 3, KvOutput::Written(3), 5),
     ];
-    assert!(matches!(check_kv(&hist), Verdict::NotLinearizable { .. }));
+    assert_violation(check_kv(&hist));
 }
 
 #[test]
@@ -184,18 +193,12 @@ fn read_of_unwritten_value_or_wrong_conflict_is_not_linearizable() {
         op("k", 0, put("a"), 0, KvOutput::Written(1), 1),
         op("k", 1, KvInput::Get, 2, got("zzz", 1), 3),
     ];
-    assert!(matches!(
-        check_kv(&phantom),
-        Verdict::NotLinearizable { .. }
-    ));
+    assert_violation(check_kv(&phantom));
     let wrong_current = vec![
         op("k", 0, put("a"), 0, KvOutput::Written(4), 1),
         op("k", 1, cas(2, "b"), 2, KvOutput::Conflict(Some(3)), 3),
     ];
-    assert!(matches!(
-        check_kv(&wrong_current),
-        Verdict::NotLinearizable { .. }
-    ));
+    assert_violation(check_kv(&wrong_current));
     let absent_conflict = vec![op("k", 1, cas(2, "b"), 2, KvOutput::Conflict(None), 3)];
     assert_eq!(check_kv(&absent_conflict), Verdict::Linearizable);
 }
@@ -206,12 +209,12 @@ fn reused_or_decreasing_revision_is_not_linearizable() {
         op("k", 0, put("a"), 0, KvOutput::Written(5), 1),
         op("k", 0, put("b"), 2, KvOutput::Written(5), 3),
     ];
-    assert!(matches!(check_kv(&hist), Verdict::NotLinearizable { .. }));
+    assert_violation(check_kv(&hist));
     let hist = vec![
         op("k", 0, put("a"), 0, KvOutput::Written(5), 1),
         op("k", 0, put("b"), 2, KvOutput::Written(3), 3),
     ];
-    assert!(matches!(check_kv(&hist), Verdict::NotLinearizable { .. }));
+    assert_violation(check_kv(&hist));
 }
 
 #[test]
@@ -245,7 +248,7 @@ fn indeterminate_write_may_or_may_not_take_effect() {
             op: Operation::indeterminate(1, put("x"), 5),
         },
     ];
-    assert!(matches!(check_kv(&early), Verdict::NotLinearizable { .. }));
+    assert_violation(check_kv(&early));
 }
 
 #[test]
@@ -332,14 +335,11 @@ fn large_concurrent_history_is_checked_quickly() {
         .expect("a late read");
     bad[i].op.output.as_mut().unwrap().0 = KvOutput::Got(Some(stale));
     let started = std::time::Instant::now();
-    assert!(matches!(
-        check_kv_with(
-            &bad,
-            Budget {
-                time: Duration::from_secs(30)
-            }
-        ),
-        Verdict::NotLinearizable { .. }
+    assert_violation(check_kv_with(
+        &bad,
+        Budget {
+            time: Duration::from_secs(30),
+        },
     ));
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -380,9 +380,6 @@ fn generic_model_and_budget() {
         Operation::completed(0, 1, 0, 1, 1),
         Operation::completed(1, 1, 2, 1, 3),
     ];
-    assert!(matches!(
-        check_operations(&Counter, &bad, Budget::default()),
-        Verdict::NotLinearizable { .. }
-    ));
+    assert_violation(check_operations(&Counter, &bad, Budget::default()));
     let _ = KvState::Absent;
 }

@@ -8,7 +8,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use latchkey_conformance::{find_case, run_case, Harness, Outcome};
+mod bug_check;
+
+use latchkey_conformance::Harness;
 use latchkey_core::{
     Backend, Capabilities, DeleteOptions, DistributedLock, EventKind, KeyValue, KvStore,
     ListOptions, LockGuard, LockOptions, PutOptions, Result, Revision, Txn, TxnOutcome, TxnRequest,
@@ -121,23 +123,9 @@ fn harness(bug: RecipeBug) -> Arc<dyn Harness> {
     })
 }
 
+/// Each named case passes on the pass-through wrapper and fails with `bug`.
 async fn caught(bug: RecipeBug, names: &[&str]) {
-    for name in names {
-        let case = find_case(name).unwrap_or_else(|| panic!("no case named {name}"));
-        let control = run_case(&case, harness(RecipeBug::None)).await;
-        assert_eq!(
-            control,
-            Outcome::Passed,
-            "{name} must pass on the pass-through wrapper"
-        );
-        match run_case(&case, harness(bug)).await {
-            Outcome::Failed(msg) => {
-                let first = msg.lines().next().unwrap_or("");
-                println!("{bug:?} caught by {name}: {first}");
-            }
-            other => panic!("expected {name} to fail with recipe bug {bug:?}, got {other:?}"),
-        }
-    }
+    bug_check::assert_caught(harness, RecipeBug::None, bug, names).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,16 +69,7 @@ pub fn instrumented(bug: Bug, caps: Option<Capabilities>) -> Instrumented<Broken
     let shared = Arc::new(Shared::default());
     Instrumented::new(move |ns: String| {
         let (store, shared, caps) = (store.clone(), shared.clone(), caps.clone());
-        async move {
-            let inner = store.handle(&ns)?;
-            Ok(Arc::new(Broken {
-                inner,
-                bug,
-                shared,
-                ns,
-                caps,
-            }))
-        }
+        async move { Broken::open(&store, ns, bug, shared, caps).map(Arc::new) }
     })
     .with_op_count(|b: &Broken| b.inner.op_count())
     .with_revoke_lock(|b: &Broken, name: &str| b.inner.revoke_lock(name))
@@ -91,14 +82,8 @@ pub fn uncounted_harness(bug: Bug) -> Arc<dyn Harness> {
     Arc::new(move |ns: String| {
         let (store, shared) = (store.clone(), shared.clone());
         async move {
-            let inner = store.handle(&ns)?;
-            Ok(Arc::new(Broken {
-                inner,
-                bug,
-                shared,
-                ns,
-                caps: None,
-            }) as Arc<dyn Backend>)
+            let b = Broken::open(&store, ns, bug, shared, None)?;
+            Ok(Arc::new(b) as Arc<dyn Backend>)
         }
     })
 }
@@ -113,6 +98,23 @@ pub struct Broken {
 }
 
 impl Broken {
+    /// A handle on namespace `ns` of `store` with `bug`; `shared` is the
+    /// bug state all handles of one harness see.
+    fn open(
+        store: &MemStore,
+        ns: String,
+        bug: Bug,
+        shared: Arc<Shared>,
+        caps: Option<Capabilities>,
+    ) -> Result<Self> {
+        Ok(Broken {
+            inner: store.handle(&ns)?,
+            bug,
+            shared,
+            ns,
+            caps,
+        })
+    }
     fn full(&self, key: &str) -> String {
         format!("{}\u{1}{key}", self.ns)
     }
