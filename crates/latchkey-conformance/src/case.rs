@@ -45,6 +45,18 @@ impl<T> ErrCtx<T> for latchkey_core::Result<T> {
     }
 }
 
+/// Turns a joined task's panic into a [`Fail`].
+pub(crate) trait Joined<T> {
+    /// `Err(panic)` becomes a [`Fail`] saying that `who` panicked.
+    fn joined(self, who: &str) -> Result<T, Fail>;
+}
+
+impl<T> Joined<T> for Result<T, tokio::task::JoinError> {
+    fn joined(self, who: &str) -> Result<T, Fail> {
+        self.map_err(|e| Fail(format!("{who} panicked: {e}")))
+    }
+}
+
 /// Fails the case with a formatted message unless the condition holds.
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {

@@ -3,6 +3,7 @@
 
 use crate::case::{
     b, ensure, ensure_eq, fenced_put, parse_num, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
+    Joined,
 };
 use latchkey_core::{Compare, LockGuard, Op, OpResult, TxnRequest};
 
@@ -206,7 +207,7 @@ cases! {
         }
         for t in tasks {
             t.await
-                .map_err(|e| Fail(format!("a worker panicked: {e}")))??;
+                .joined("a worker")??;
         }
         ensure_eq!(
             value_of(hs[0].as_ref(), "counter").await?,

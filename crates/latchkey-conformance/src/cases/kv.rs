@@ -3,7 +3,7 @@
 
 use crate::case::{
     all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, gates, parse_num, put_value,
-    value_of, CaseResult, Cx, ErrCtx, Fail,
+    value_of, CaseResult, Cx, ErrCtx, Fail, Joined,
 };
 use crate::checkers::{check_kv, Clock, KvInput, KvOperation, KvOutput, Operation, Verdict};
 use bytes::Bytes;
@@ -596,7 +596,7 @@ cases! {
         }
         for t in tasks {
             t.await
-                .map_err(|e| Fail(format!("a worker panicked: {e}")))?
+                .joined("a worker")?
                 .ctx("a CAS worker")?;
         }
         let v = value_of(handles[0].as_ref(), "counter").await?;
@@ -623,13 +623,13 @@ cases! {
         for t in tasks {
             history.extend(
                 t.await
-                    .map_err(|e| Fail(format!("a client panicked: {e}")))?,
+                    .joined("a client")?,
             );
         }
         let n = history.len();
         let verdict = tokio::task::spawn_blocking(move || check_kv(&history))
             .await
-            .map_err(|e| Fail(format!("the checker panicked: {e}")))?;
+            .joined("the checker")?;
         ensure!(
             verdict == Verdict::Linearizable,
             "expected the history of {n} ops (seed {seed}) to be linearizable: {verdict}"

@@ -3,7 +3,7 @@
 
 use crate::case::{
     all_keys, b, ensure, ensure_eq, expect_err, fenced_put, put_value, value_of, CaseResult, Cx,
-    ErrCtx, Fail,
+    ErrCtx, Fail, Joined,
 };
 use crate::checkers::{check_exclusion, Clock, Holding};
 use latchkey_core::{Backend, Error, LockGuard, LockOptions};
@@ -29,6 +29,40 @@ async fn is_free(h: &dyn Backend, name: &str, opts: &LockOptions) -> Result<bool
 
 async fn must_lock(h: &dyn Backend, name: &str, opts: LockOptions) -> Result<LockGuard, Fail> {
     h.lock(name, opts).await.ctx(format!("lock {name:?}"))
+}
+
+/// `new` took lock `x` after `old` lost it (`how`: "expired", "revoked"):
+/// `new`'s token is larger, and through `h` a fenced write with `old`
+/// fails while one with `new` commits (both write key `f`).
+async fn expect_successor(
+    h: &dyn Backend,
+    old: &LockGuard,
+    new: &LockGuard,
+    how: &str,
+) -> CaseResult {
+    ensure!(
+        new.fencing_token() > old.fencing_token(),
+        "expected the new holder's token > {}, got {}",
+        old.fencing_token(),
+        new.fencing_token()
+    );
+    let stale = h
+        .txn(fenced_put(old, "f", "old"))
+        .await
+        .ctx(format!("fenced write with the {how} guard"))?;
+    ensure!(
+        !stale.succeeded,
+        "expected a fenced write with the {how} guard to fail"
+    );
+    let fresh = h
+        .txn(fenced_put(new, "f", "new"))
+        .await
+        .ctx("fenced write with the new guard")?;
+    ensure!(
+        fresh.succeeded,
+        "expected the new holder's fenced write to commit"
+    );
+    Ok(())
 }
 
 cases! {
@@ -98,7 +132,7 @@ cases! {
                     cx.wake_bound()
                 ))
             })?
-            .map_err(|e| Fail(format!("waiter panicked: {e}")))?
+            .joined("waiter")?
             .ctx("lock by the second task")?;
         ensure!(
             g2.fencing_token() > t1,
@@ -296,7 +330,7 @@ cases! {
                     "expected the waiter to acquire within {bound:?} of the release"
                 ))
             })?
-            .map_err(|e| Fail(format!("waiter panicked: {e}")))?;
+            .joined("waiter")?;
         let g2 = g2.ctx("the waiter's lock")?;
         let took = at.saturating_duration_since(released);
         ensure!(
@@ -342,7 +376,7 @@ cases! {
         let g2 = tokio::time::timeout(cx.wake_bound(), waiter)
             .await
             .map_err(|_| Fail(format!("expected the waiter to acquire within {:?}", cx.wake_bound())))?
-            .map_err(|e| Fail(format!("waiter panicked: {e}")))?
+            .joined("waiter")?
             .ctx("the waiter's lock")?;
         g2.release().await.ctx("release")?;
         Ok(())
@@ -398,12 +432,6 @@ cases! {
             ))?;
         let took = t.elapsed();
         ensure!(took >= ttl / 4, "expected the abandoned lock to stay held for a while (TTL {ttl:?}), another handle got it after {took:?}");
-        ensure!(
-            new.fencing_token() > old.fencing_token(),
-            "expected the new holder's token > {}, got {}",
-            old.fencing_token(),
-            new.fencing_token()
-        );
         tokio::time::timeout(
             bound.saturating_sub(t.elapsed()) + Duration::from_millis(100),
             old.lost(),
@@ -414,22 +442,7 @@ cases! {
                 "expected the abandoned guard's lost() to fire within {bound:?}"
             ))
         })?;
-        let stale = c
-            .txn(fenced_put(&old, "f", "old"))
-            .await
-            .ctx("fenced write with the stale guard")?;
-        ensure!(
-            !stale.succeeded,
-            "expected a fenced write with the expired guard to fail"
-        );
-        let fresh = c
-            .txn(fenced_put(&new, "f", "new"))
-            .await
-            .ctx("fenced write with the new guard")?;
-        ensure!(
-            fresh.succeeded,
-            "expected a fenced write with the new holder's guard to commit"
-        );
+        expect_successor(c.as_ref(), &old, &new, "expired").await?;
         ensure_eq!(
             value_of(c.as_ref(), "f").await?,
             Some(b("new")),
@@ -460,22 +473,7 @@ cases! {
             .lock("x", cx.long_lock().with_wait(bound))
             .await
             .ctx("lock by another handle after the revocation")?;
-        ensure!(
-            new.fencing_token() > old.fencing_token(),
-            "expected the new holder's token > {}, got {}",
-            old.fencing_token(),
-            new.fencing_token()
-        );
-        let stale = c
-            .txn(fenced_put(&old, "f", "old"))
-            .await
-            .ctx("fenced write with the revoked guard")?;
-        ensure!(!stale.succeeded, "expected a fenced write with the revoked guard to fail");
-        let fresh = c
-            .txn(fenced_put(&new, "f", "new"))
-            .await
-            .ctx("fenced write with the new guard")?;
-        ensure!(fresh.succeeded, "expected the new holder's fenced write to commit");
+        expect_successor(c.as_ref(), &old, &new, "revoked").await?;
         old.release().await.ctx("release of the revoked guard")?;
         ensure!(
             !is_free(ops.as_ref(), "x", &cx.long_lock()).await?,
@@ -560,7 +558,7 @@ cases! {
         for t in tasks {
             match t
                 .await
-                .map_err(|e| Fail(format!("a task panicked: {e}")))
+                .joined("a task")
                 .and_then(|r| r)
             {
                 Ok(h) => history.extend(h),

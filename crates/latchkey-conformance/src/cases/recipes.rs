@@ -5,7 +5,8 @@
 //! exclusion checker and a generalised "at most N at once" checker.
 
 use crate::case::{
-    b, ensure, ensure_eq, expect_err, poll_until, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
+    b, ensure, ensure_eq, expect_err, poll_until, put_value, value_of, CaseResult, Cx, ErrCtx,
+    Fail, Joined,
 };
 use crate::checkers::{check_exclusion, Clock, Holding};
 use futures::StreamExt;
@@ -291,7 +292,7 @@ cases! {
         let waiting = tokio::spawn(async move { ec.campaign("c").await });
         let t = Instant::now();
         old.lock_guard().abandon().await;
-        let new = waiting.await.map_err(|e| Fail(format!("campaign panicked: {e}")))?
+        let new = waiting.await.joined("campaign")?
             .ctx(format!("campaign of the waiting candidate within {:?}", bound * 2))?;
         ensure!(t.elapsed() <= bound + Duration::from_millis(500), "expected the replacement within {bound:?}, it took {:?}", t.elapsed());
         ensure!(new.term() > old.term(), "expected the new term > {}, got {}", old.term(), new.term());
@@ -769,7 +770,7 @@ cases! {
                 .map_err(|_| Fail("expected the mirror to reach b = 30 within 10 s".into()))?
                 .map_err(|_| Fail("the mirror stopped".into()))?;
         }
-        writer.await.map_err(|e| Fail(format!("writer panicked: {e}")))??;
+        writer.await.joined("writer")??;
         ensure_eq!(m.resyncs(), 0, "resyncs of a mirror whose watch never failed");
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use crate::case::{
     all_keys, b, ensure, ensure_eq, expect_err, parse_num, put_value, value_of, CaseResult, Cx,
-    ErrCtx, Fail,
+    ErrCtx, Fail, Joined,
 };
 use latchkey_core::{CmpOp, Compare, Error, Op, OpResult, Txn, TxnOutcome, TxnRequest};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,7 +412,7 @@ cases! {
         }
         for t in tasks {
             t.await
-                .map_err(|e| Fail(format!("a task panicked: {e}")))?
+                .joined("a task")?
                 .ctx("an increment task")?;
         }
         ensure_eq!(
@@ -523,7 +523,7 @@ cases! {
         for w in writers {
             if let Err(e) = w
                 .await
-                .map_err(|e| Fail(format!("a writer panicked: {e}")))
+                .joined("a writer")
                 .and_then(|r| r.ctx("a transfer writer"))
             {
                 result = Err(e);
@@ -532,7 +532,7 @@ cases! {
         stop.store(true, Ordering::SeqCst);
         reader
             .await
-            .map_err(|e| Fail(format!("the reader panicked: {e}")))??;
+            .joined("the reader")??;
         result?;
         let mut total = 0i64;
         for a in &accounts {
