@@ -86,6 +86,29 @@ pub struct StaleHolder {
     pub lost_fired: bool,
 }
 
+/// One holding of a counter client, from `lock()` returning to its release.
+#[derive(Clone, Debug)]
+pub struct HoldingEnd {
+    /// The client.
+    pub client: usize,
+    /// Where it ran: `"in-process"` or `"holder child"`.
+    pub process: &'static str,
+    /// The guard's fencing token.
+    pub token: u64,
+    /// When `lock()` returned.
+    pub acquired: u64,
+    /// When the release was called.
+    pub released: u64,
+    /// The guard's `lost()` had fired when the release was called
+    /// (`is_lost()` read right before it; the release itself fires it).
+    pub lost: bool,
+    /// Its counter write, if it reached one.
+    pub write: Option<WriteOutcome>,
+    /// A staged stale-holder episode (holder pause, partition): a loss is
+    /// the expected outcome there, so the spurious-loss check skips it.
+    pub staged: bool,
+}
+
 /// Everything one run recorded.
 #[derive(Debug, Default)]
 pub struct History {
@@ -95,6 +118,10 @@ pub struct History {
     pub kv: Vec<KvOperation>,
     /// Stale-holder episodes (holder pause, client partition).
     pub stale: Vec<StaleHolder>,
+    /// Every finished holding of the counter clients (in-process and child).
+    pub holdings: Vec<HoldingEnd>,
+    /// When the slow-network latency was switched on and off (ns).
+    pub latency: Option<(u64, Option<u64>)>,
     /// Operations attempted (every lock, read, write, release, KV op).
     pub ops: u64,
     /// Workload errors worth showing (first few).
@@ -124,6 +151,9 @@ pub struct Findings {
     pub allowed: Vec<String>,
     /// What the run did, in one line (write outcomes, unknown ops, stale episodes).
     pub summary: String,
+    /// Remarks on what was (not) checked, e.g. a spurious-loss check skipped
+    /// because the injected latency breaks RTT < TTL/3.
+    pub notes: Vec<String>,
 }
 
 /// What the checks may assume of the backend (from its declared capabilities).
@@ -136,18 +166,22 @@ pub struct Promises {
     pub durable: bool,
     /// The scenario restarted a server (data loss is only excusable then).
     pub restarted: bool,
+    /// The injected latency keeps every round trip under a third of the TTL
+    /// (slow-network): renewals arrive in time, so no holding may lose its
+    /// lock (`lost()` before release, or its fenced write refused).
+    pub no_spurious_loss: bool,
 }
 
 /// Runs every check: exclusion + fencing over the effective holdings, per-key
-/// linearizability of the KV register, the counter's exact count, and the
-/// stale-holder assertions.
+/// linearizability of the KV register, the counter's exact count, the
+/// stale-holder assertions and, when promised, no spurious loss.
 pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Duration) -> Findings {
     let count = |o: WriteOutcome| h.counter.iter().filter(|a| a.outcome == o).count();
     let mut f = Findings {
         ops: h.ops,
         summary: format!(
             "counter writes: {} committed, {} rejected by the fence, {} unknown; kv ops: {} ({} unknown); \
-             stale-holder episodes: {}; final counter {:?}",
+             stale-holder episodes: {}; holdings: {} ({} lost before release); final counter {:?}",
             count(WriteOutcome::Committed),
             count(WriteOutcome::Rejected),
             count(WriteOutcome::Indeterminate),
@@ -165,6 +199,8 @@ pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Durat
                 ))
                 .collect::<Vec<_>>()
                 .join(" "),
+            h.holdings.len(),
+            h.holdings.iter().filter(|x| x.lost).count(),
             final_counter
         ),
         ..Default::default()
@@ -283,6 +319,10 @@ pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Durat
         }
     }
 
+    if p.no_spurious_loss {
+        check_no_spurious_loss(h, &mut f);
+    }
+
     // Linearizability of the KV register, per key.
     match check_kv_with(&h.kv, Budget { time: budget }) {
         Verdict::Linearizable => {}
@@ -301,6 +341,68 @@ pub fn check(h: &History, final_counter: Option<u64>, p: Promises, budget: Durat
         ),
     }
     f
+}
+
+/// Liveness under latency (safety.md case 27): while every round trip stays
+/// under a third of the TTL, each renewal arrives long before the deadline,
+/// so a holder must never be told it lost the lock: neither `lost()` before
+/// its release nor a fenced write refused as of a lost lock. A write of
+/// unknown outcome is not counted here (it says nothing about the lock).
+fn check_no_spurious_loss(h: &History, f: &mut Findings) {
+    let (start, end) = match h.latency {
+        Some((s, e)) => (Some(s), e),
+        None => (None, None),
+    };
+    // "at +1.234 s of the latency phase" (negative: before it began).
+    let when = |t: u64| match start {
+        Some(s) => {
+            let d = t as f64 / 1e9 - s as f64 / 1e9;
+            let phase = match end {
+                Some(e) if t > e => " (after it ended)",
+                _ if t < s => " (before it began)",
+                _ => "",
+            };
+            format!("{d:+.3} s from the start of the latency phase{phase}")
+        }
+        None => format!("{t} ns"),
+    };
+    let checked: Vec<&HoldingEnd> = h.holdings.iter().filter(|x| !x.staged).collect();
+    let in_phase = checked
+        .iter()
+        .filter(|x| match (start, end) {
+            (Some(s), Some(e)) => x.released >= s && x.acquired <= e,
+            (Some(s), None) => x.released >= s,
+            (None, _) => true,
+        })
+        .count();
+    if in_phase == 0 {
+        f.violations.push(
+            "spurious loss: no holding of a counter client overlapped the latency phase: \
+             the check proves nothing"
+                .into(),
+        );
+    }
+    for x in checked {
+        let refused = x.write == Some(WriteOutcome::Rejected);
+        if !x.lost && !refused {
+            continue;
+        }
+        let what = match (x.lost, refused) {
+            (true, true) => "lost() fired before release and its fenced write was refused",
+            (true, false) => "lost() fired before release",
+            _ => "its fenced write was refused (lock lost)",
+        };
+        f.violations.push(format!(
+            "spurious loss: {} client {} (token {}), holding from {} to {} ({:.3} s): {what}, \
+             although the injected latency keeps RTT < TTL/3",
+            x.process,
+            x.client,
+            x.token,
+            when(x.acquired),
+            when(x.released),
+            x.released.saturating_sub(x.acquired) as f64 / 1e9
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -329,6 +431,7 @@ mod tests {
         linearizable_reads: true,
         durable: true,
         restarted: false,
+        no_spurious_loss: false,
     };
 
     fn serial(n: u64) -> History {
@@ -449,5 +552,92 @@ mod tests {
         });
         let f = check(&h, Some(1), STRICT, Duration::from_secs(5));
         assert_eq!(f.violations.len(), 2, "{:?}", f.violations);
+    }
+
+    /// A slow-network history: holdings of an in-process client and the
+    /// child, all inside the latency phase, none lost.
+    fn slow(n: u64) -> History {
+        let mut h = serial(n);
+        h.latency = Some((0, Some(10_000)));
+        for i in 0..n {
+            h.holdings.push(HoldingEnd {
+                client: (i % 2) as usize,
+                process: if i % 2 == 0 {
+                    "in-process"
+                } else {
+                    "holder child"
+                },
+                token: i + 1,
+                acquired: i * 100,
+                released: i * 100 + 50,
+                lost: false,
+                write: Some(WriteOutcome::Committed),
+                staged: false,
+            });
+        }
+        h
+    }
+
+    const SLOW: Promises = Promises {
+        no_spurious_loss: true,
+        ..STRICT
+    };
+
+    #[test]
+    fn holdings_that_were_never_lost_pass_the_spurious_loss_check() {
+        let f = check(&slow(4), Some(4), SLOW, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+    }
+
+    #[test]
+    fn a_lost_holding_under_small_latency_is_a_spurious_loss() {
+        let mut h = slow(4);
+        h.holdings[1].lost = true;
+        let f = check(&h, Some(4), SLOW, Duration::from_secs(5));
+        assert_eq!(f.violations.len(), 1, "{:?}", f.violations);
+        let v = &f.violations[0];
+        for part in [
+            "spurious loss",
+            "holder child client 1",
+            "token 2",
+            "lost() fired",
+            "+0.000 s from the start of the latency phase",
+        ] {
+            assert!(v.contains(part), "{part:?} missing in {v}");
+        }
+        // Not promised (another scenario, or latency too high for the TTL): not checked.
+        let f = check(&h, Some(4), STRICT, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+    }
+
+    #[test]
+    fn a_refused_fenced_write_under_small_latency_is_a_spurious_loss() {
+        let mut h = slow(3);
+        h.holdings[2].write = Some(WriteOutcome::Rejected);
+        h.counter[2].outcome = WriteOutcome::Rejected;
+        let f = check(&h, Some(2), SLOW, Duration::from_secs(5));
+        assert_eq!(f.violations.len(), 1, "{:?}", f.violations);
+        assert!(
+            f.violations[0].contains("in-process client 0 (token 3)")
+                && f.violations[0].contains("fenced write was refused"),
+            "{:?}",
+            f.violations
+        );
+    }
+
+    #[test]
+    fn staged_stale_holdings_are_not_spurious_losses_but_no_holding_proves_nothing() {
+        let mut h = slow(2);
+        h.holdings[0].lost = true;
+        h.holdings[0].staged = true;
+        let f = check(&h, Some(2), SLOW, Duration::from_secs(5));
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        h.holdings.clear();
+        let f = check(&h, Some(2), SLOW, Duration::from_secs(5));
+        assert!(
+            f.violations.iter().any(|v| v.contains("proves nothing")),
+            "{:?}",
+            f.violations
+        );
     }
 }

@@ -65,6 +65,13 @@ pub struct RunOptions {
     pub quick: bool,
     /// Test-only: counter writes are plain puts, not fenced txns.
     pub unfenced: bool,
+    /// Test-only: the lock TTL of every run instead of the backend's
+    /// default ([`BackendKind::ttl`]).
+    pub ttl: Option<Duration>,
+    /// Test-only: check for spurious losses under slow-network even where
+    /// the injected latency breaks RTT < TTL/3 (with a tiny `ttl`: shows the
+    /// check failing on a real run).
+    pub force_liveness: bool,
     /// The `latchkey-faults` executable, re-run as the holder child.
     pub holder_exe: PathBuf,
     /// Print progress to stderr.
@@ -222,6 +229,9 @@ pub fn run(opts: &RunOptions) -> Report {
                         for a in &f.allowed {
                             row.details.push(format!("seed {seed}: allowed {a}"));
                         }
+                        for n in &f.notes {
+                            row.details.push(format!("seed {seed}: note: {n}"));
+                        }
                         if opts.verbose {
                             eprintln!(
                                 "[faults] {} {} seed {seed}: {} ops, {} violations, {} lost, {} allowed ({:.1}s)",
@@ -294,7 +304,7 @@ pub async fn run_once(
         }
         _ => env,
     };
-    let ttl = env.kind.ttl();
+    let ttl = opts.ttl.unwrap_or_else(|| env.kind.ttl());
     let cfg = Arc::new(RunCfg::new(ttl, opts.unfenced));
     let ns = latchkey_testkit::unique_namespace(&format!("faults-{seed}"));
     let local = ProxyGroup::start(&env.addrs())?;
@@ -406,7 +416,9 @@ pub async fn run_once(
         linearizable_reads: caps.linearizable_reads,
         durable: caps.durable_writes && caps.durable_fencing,
         restarted: scenario.restarts(),
+        no_spurious_loss: false,
     };
+    let (promises, liveness_note) = liveness(scenario, ttl, opts.force_liveness, promises);
     let hist = std::mem::take(&mut *shared.hist.lock().unwrap_or_else(|p| p.into_inner()));
     let budget = Duration::from_secs(if opts.quick { 20 } else { 60 });
     let mut f =
@@ -415,5 +427,75 @@ pub async fn run_once(
         f.violations
             .push("no counter write was attempted: the run proves nothing".into());
     }
+    f.notes.extend(liveness_note);
     Ok(f)
+}
+
+/// Whether the run must show no spurious loss (safety.md case 27): only a
+/// latency scenario whose worst added round trip stays under a third of the
+/// TTL promises that renewals arrive in time. Otherwise the check is off and
+/// the note says why (or, with `force`, on anyway and the note says so).
+fn liveness(
+    scenario: Scenario,
+    ttl: Duration,
+    force: bool,
+    mut p: Promises,
+) -> (Promises, Option<String>) {
+    let Some(rtt) = scenario.max_added_rtt() else {
+        return (p, None);
+    };
+    let holds = rtt * 3 < ttl;
+    p.no_spurious_loss = holds || force;
+    let note = match (holds, force) {
+        (true, _) => None,
+        (false, false) => Some(format!(
+            "spurious-loss check not done: the injected latency allows a round trip of up to \
+             {} ms, not under TTL/3 = {} ms (TTL {} ms)",
+            rtt.as_millis(),
+            (ttl / 3).as_millis(),
+            ttl.as_millis()
+        )),
+        (false, true) => Some(format!(
+            "spurious-loss check FORCED (self-test): a round trip of up to {} ms is not under \
+             TTL/3 = {} ms (TTL {} ms), so losses are expected",
+            rtt.as_millis(),
+            (ttl / 3).as_millis(),
+            ttl.as_millis()
+        )),
+    };
+    (p, note)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Promises = Promises {
+        linearizable_reads: true,
+        durable: true,
+        restarted: false,
+        no_spurious_loss: false,
+    };
+
+    #[test]
+    fn slow_network_checks_spurious_losses_only_where_rtt_stays_under_a_third_of_the_ttl() {
+        // 2 × (20 + 180) ms = 400 ms; every backend's default TTL is > 1.2 s.
+        assert_eq!(
+            Scenario::SlowNetwork.max_added_rtt(),
+            Some(Duration::from_millis(400))
+        );
+        for b in BackendKind::ALL {
+            let (p, note) = liveness(Scenario::SlowNetwork, b.ttl(), false, P);
+            assert!(p.no_spurious_loss, "{b:?}");
+            assert!(note.is_none(), "{b:?}: {note:?}");
+        }
+        let (p, note) = liveness(Scenario::SlowNetwork, Duration::from_millis(1200), false, P);
+        assert!(!p.no_spurious_loss);
+        assert!(note.unwrap().contains("not done"));
+        let (p, note) = liveness(Scenario::SlowNetwork, Duration::from_millis(300), true, P);
+        assert!(p.no_spurious_loss);
+        assert!(note.unwrap().contains("FORCED"));
+        let (p, note) = liveness(Scenario::HolderPause, Duration::from_secs(2), true, P);
+        assert!(!p.no_spurious_loss && note.is_none());
+    }
 }

@@ -8,11 +8,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: latchkey-faults [--backend B]... [--scenario S]... [--runs K] [--seed S] [--quick] [--unfenced]
+                       [--ttl-ms T] [--force-liveness]
   backends:  redis redis-volatile etcd etcd-3 zookeeper zookeeper-3 zookeeper-seq consul-sim
              (redis, etcd, zookeeper, consul select every configuration of that backend)
   scenarios: holder-pause server-pause kill-restart rolling-restart client-partition
              member-partition slow-network conn-resets
-  --unfenced is a self-test: counter writes skip the fence, so the checkers must report violations";
+  --unfenced is a self-test: counter writes skip the fence, so the checkers must report violations
+  --ttl-ms T (test-only) sets every run's lock TTL; --force-liveness (self-test) checks slow-network
+             for spurious losses even when its latency is not under TTL/3 (with a tiny --ttl-ms the
+             table must then show them)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +32,8 @@ fn main() -> ExitCode {
     let mut seed = None;
     let mut quick = false;
     let mut unfenced = false;
+    let mut ttl = None;
+    let mut force_liveness = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| -> Result<String, ExitCode> {
@@ -80,8 +86,17 @@ fn main() -> ExitCode {
                 }
                 Err(c) => return c,
             },
+            "--ttl-ms" => match val(a).map(|v| v.parse::<u64>()) {
+                Ok(Ok(ms)) if ms > 0 => ttl = Some(Duration::from_millis(ms)),
+                Ok(_) => {
+                    eprintln!("--ttl-ms needs a positive number\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+                Err(c) => return c,
+            },
             "--quick" => quick = true,
             "--unfenced" => unfenced = true,
+            "--force-liveness" => force_liveness = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -116,6 +131,12 @@ fn main() -> ExitCode {
         "latchkey-faults: seed {seed} (run i uses seed+i; replay one with --seed N --runs 1), {runs} run(s) per pair{}",
         if unfenced { ", FENCING DISABLED (self-test)" } else { "" }
     );
+    if let Some(t) = ttl {
+        println!("lock TTL {} ms (--ttl-ms, test-only)", t.as_millis());
+    }
+    if force_liveness {
+        println!("spurious-loss check forced on slow-network (self-test)");
+    }
     let report = latchkey_faults::run(&RunOptions {
         backends,
         scenarios,
@@ -123,6 +144,8 @@ fn main() -> ExitCode {
         seed,
         quick,
         unfenced,
+        ttl,
+        force_liveness,
         holder_exe,
         verbose: true,
     });

@@ -62,6 +62,22 @@ impl Scenario {
         Self::ALL.iter().copied().find(|x| x.label() == s)
     }
 
+    /// The latency slow-network adds per direction: (fixed delay, jitter bound).
+    pub const SLOW_DELAY: Duration = Duration::from_millis(20);
+    /// See [`Scenario::SLOW_DELAY`].
+    pub const SLOW_JITTER: Duration = Duration::from_millis(180);
+
+    /// The most this scenario adds to one round trip through the fault
+    /// proxies (both directions at their worst: 2 × (delay + jitter), since
+    /// the proxy delays each chunk by at most delay + jitter and never
+    /// reorders), if it is a latency scenario.
+    pub fn max_added_rtt(self) -> Option<Duration> {
+        match self {
+            Scenario::SlowNetwork => Some((Self::SLOW_DELAY + Self::SLOW_JITTER) * 2),
+            _ => None,
+        }
+    }
+
     /// Restarts servers (losses are excusable on non-durable backends).
     pub fn restarts(self) -> bool {
         matches!(self, Scenario::KillRestart | Scenario::RollingRestart)
@@ -241,14 +257,25 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
         }
         Scenario::SlowNetwork => {
             let mode = ProxyMode::Latency {
-                delay: Duration::from_millis(20),
-                jitter: Duration::from_millis(180),
+                delay: Scenario::SLOW_DELAY,
+                jitter: Scenario::SLOW_JITTER,
             };
+            let set_latency = |on: bool| {
+                let mut h = t.shared.hist.lock().unwrap_or_else(|p| p.into_inner());
+                let now = crate::history::now_ns();
+                h.latency = match (on, h.latency) {
+                    (true, _) => Some((now, None)),
+                    (false, Some((s, _))) => Some((s, Some(now))),
+                    (false, None) => None,
+                };
+            };
+            set_latency(true);
             t.local.set_mode(mode);
             t.child.set_mode(mode);
             tokio::time::sleep(t.phase.max(t.ttl * 2)).await;
             t.local.set_mode(ProxyMode::Pass);
             t.child.set_mode(ProxyMode::Pass);
+            set_latency(false);
             Ok(())
         }
         Scenario::ConnectionResets => {

@@ -7,7 +7,7 @@
 //! child killed) leaves an honest indeterminate op, never a missing write.
 
 use crate::env::ProxyGroup;
-use crate::history::{now_ns, CounterAttempt, History, StaleHolder, WriteOutcome};
+use crate::history::{now_ns, CounterAttempt, History, HoldingEnd, StaleHolder, WriteOutcome};
 use latchkey::prelude::*;
 use latchkey_conformance::checkers::{KvInput, KvOperation, KvOutput, Operation};
 use rand::rngs::StdRng;
@@ -207,6 +207,7 @@ pub async fn counter_client(url: String, cfg: Arc<RunCfg>, shared: Arc<Shared>, 
             },
             _ => None,
         };
+        let mut write = None;
         if let Some(n) = n {
             let write_call = now_ns();
             let idx = shared.with(|h| {
@@ -223,8 +224,23 @@ pub async fn counter_client(url: String, cfg: Arc<RunCfg>, shared: Arc<Shared>, 
             });
             let outcome = write_counter(&c, &guard, &cfg, n + 1).await;
             shared.with(|h| h.counter[idx].outcome = outcome);
+            write = Some(outcome);
         }
-        shared.with(|h| h.ops += 1);
+        // Read before the release, which fires lost() itself.
+        let end = HoldingEnd {
+            client,
+            process: "in-process",
+            token: guard.fencing_token(),
+            acquired,
+            released: now_ns(),
+            lost: guard.is_lost(),
+            write,
+            staged: false,
+        };
+        shared.with(|h| {
+            h.ops += 1;
+            h.holdings.push(end);
+        });
         let _ = tokio::time::timeout(cfg.op_timeout, guard.release()).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
     }
@@ -426,10 +442,15 @@ pub fn holder_main(url: String, cfg: RunCfg) -> std::process::ExitCode {
                     None => "err no guard".into(),
                 },
                 "release" => {
+                    // `released <lost> <ns>`: whether lost() had fired, read
+                    // right before the release (which fires it itself).
+                    let mut lost = 0;
+                    let at = now_ns();
                     if let Some(g) = guard.take() {
+                        lost = u8::from(g.is_lost());
                         let _ = tokio::time::timeout(cfg.op_timeout, g.release()).await;
                     }
-                    "released".into()
+                    format!("released {lost} {at}")
                 }
                 other => format!("err unknown command {other:?}"),
             };
@@ -515,7 +536,7 @@ impl ChildDriver {
                 Err(_) => None,
             };
             let Some(n) = n else {
-                let _ = self.ask("release", cfg.op_timeout * 2);
+                self.release(cfg, shared, client, token, acquired, None, false);
                 continue;
             };
             let stale = shared
@@ -636,9 +657,57 @@ impl ChildDriver {
                     })
                 });
             }
-            shared.with(|h| h.ops += 1);
-            let _ = self.ask("release", cfg.op_timeout * 2);
+            self.release(
+                cfg,
+                shared,
+                client,
+                token,
+                acquired,
+                Some(outcome),
+                stale.is_some(),
+            );
         }
         let _ = self.child.send("0 quit");
+    }
+
+    /// Releases the child's guard and records the holding (with whether its
+    /// `lost()` had fired before the release).
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &mut self,
+        cfg: &RunCfg,
+        shared: &Shared,
+        client: usize,
+        token: u64,
+        acquired: u64,
+        write: Option<WriteOutcome>,
+        staged: bool,
+    ) {
+        shared.with(|h| h.ops += 1);
+        let Ok(r) = self.ask("release", cfg.op_timeout * 2) else {
+            // No answer (the child is gone or stuck): nothing known to record.
+            return;
+        };
+        let mut it = r.split_whitespace();
+        if it.next() != Some("released") {
+            return;
+        }
+        let lost = it.next() == Some("1");
+        let released = it
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(now_ns);
+        shared.with(|h| {
+            h.holdings.push(HoldingEnd {
+                client,
+                process: "holder child",
+                token,
+                acquired,
+                released,
+                lost,
+                write,
+                staged,
+            })
+        });
     }
 }

@@ -15,6 +15,8 @@ fn opts(backends: &[BackendKind], scenarios: &[Scenario], runs: u32, unfenced: b
         seed: 20_261_126,
         quick: true,
         unfenced,
+        ttl: None,
+        force_liveness: false,
         holder_exe: env!("CARGO_BIN_EXE_latchkey-faults").into(),
         verbose: true,
     }
