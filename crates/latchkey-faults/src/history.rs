@@ -353,18 +353,16 @@ fn check_no_spurious_loss(h: &History, f: &mut Findings) {
         Some((s, e)) => (Some(s), e),
         None => (None, None),
     };
-    // "at +1.234 s of the latency phase" (negative: before it began).
+    // "+1.234 s" after the latency was switched on (negative: before).
     let when = |t: u64| match start {
         Some(s) => {
             let d = t as f64 / 1e9 - s as f64 / 1e9;
-            let phase = match end {
-                Some(e) if t > e => " (after it ended)",
-                _ if t < s => " (before it began)",
-                _ => "",
-            };
-            format!("{d:+.3} s from the start of the latency phase{phase}")
+            match end {
+                Some(e) if t > e => format!("{d:+.3} s (after it ended)"),
+                _ => format!("{d:+.3} s"),
+            }
         }
-        None => format!("{t} ns"),
+        None => format!("{t} ns (no latency phase recorded)"),
     };
     let checked: Vec<&HoldingEnd> = h.holdings.iter().filter(|x| !x.staged).collect();
     let in_phase = checked
@@ -393,14 +391,14 @@ fn check_no_spurious_loss(h: &History, f: &mut Findings) {
             _ => "its fenced write was refused (lock lost)",
         };
         f.violations.push(format!(
-            "spurious loss: {} client {} (token {}), holding from {} to {} ({:.3} s): {what}, \
-             although the injected latency keeps RTT < TTL/3",
+            "spurious loss: {} client {} (token {}), held {:.3} s, acquired at {} and \
+             released at {} from the start of the latency phase: {what}",
             x.process,
             x.client,
             x.token,
+            x.released.saturating_sub(x.acquired) as f64 / 1e9,
             when(x.acquired),
             when(x.released),
-            x.released.saturating_sub(x.acquired) as f64 / 1e9
         ));
     }
 }
@@ -601,7 +599,7 @@ mod tests {
             "holder child client 1",
             "token 2",
             "lost() fired",
-            "+0.000 s from the start of the latency phase",
+            "acquired at +0.000 s and released at +0.000 s from the start of the latency phase",
         ] {
             assert!(v.contains(part), "{part:?} missing in {v}");
         }
