@@ -446,3 +446,41 @@ pub(crate) mod gates {
         (!c.linearizable_reads).then(|| "needs linearizable_reads".into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflict(current: Option<Revision>) -> latchkey_core::Result<Revision> {
+        Err(Error::Conflict {
+            key: "k".into(),
+            current,
+        })
+    }
+
+    #[test]
+    fn expect_conflict_passes_only_the_expected_current() {
+        assert_eq!(
+            expect_conflict(conflict(Some(7)), Some(7), "x"),
+            Ok("k".into())
+        );
+        assert_eq!(expect_conflict(conflict(None), None, "x"), Ok("k".into()));
+        // A failure says what was expected, from what, and what came.
+        let Err(Fail(msg)) = expect_conflict(conflict(Some(8)), Some(7), "a stale CAS") else {
+            panic!("a Conflict with another current must fail");
+        };
+        assert!(
+            msg.contains("current: Some(7)")
+                && msg.contains("a stale CAS")
+                && msg.contains("Some(8)"),
+            "{msg}"
+        );
+        let Err(Fail(msg)) = expect_conflict(Ok(3), None, "a CAS on a missing key") else {
+            panic!("a success must fail");
+        };
+        assert!(
+            msg.contains("current: None") && msg.contains("Ok(3)"),
+            "{msg}"
+        );
+    }
+}
