@@ -2,22 +2,35 @@
 //! child-process helper. A dev-dependency of tests only.
 //!
 //! # Shared servers
-//! [`redis`], [`etcd`], [`zookeeper`], [`etcd_cluster`], [`zookeeper_ensemble`] and
-//! [`consul`] each start their server **once per test binary** (on first use), on free
+//! [`redis`], [`etcd`], [`zookeeper`], [`etcd_cluster`], [`zookeeper_ensemble`],
+//! [`redis_cluster`] and [`consul`] each start their server **once per test binary** (on first use), on free
 //! loopback ports with its own temp data dir, wait until it is ready, and share it
 //! with every test of the binary; tests isolate themselves with
 //! [`unique_namespace`]. When `LATCHKEY_TEST_<NAME>_URL` is set (`REDIS`, `ETCD`,
-//! `ETCD_CLUSTER`, `ZOOKEEPER`, `ZOOKEEPER_ENSEMBLE`, `CONSUL`), the handle just
+//! `ETCD_CLUSTER`, `ZOOKEEPER`, `ZOOKEEPER_ENSEMBLE`, `REDIS_CLUSTER`, `CONSUL`), the handle just
 //! carries that URL and nothing is spawned (fault hooks then return
 //! [`Error::External`]).
 //!
 //! # Own servers for destructive tests
-//! [`spawn_redis`], [`spawn_etcd`], [`spawn_zookeeper`], [`spawn_etcd_cluster`] and
-//! [`spawn_zookeeper_ensemble`] start a private instance, killed when its handle drops.
+//! [`spawn_redis`], [`spawn_etcd`], [`spawn_zookeeper`], [`spawn_etcd_cluster`],
+//! [`spawn_zookeeper_ensemble`] and [`spawn_redis_cluster`] start a private instance,
+//! killed when its handle drops.
 //! Fault hooks: [`Server::pause`]/[`Server::resume`] (SIGSTOP/SIGCONT),
 //! [`Server::kill`] (SIGKILL), [`Server::restart`] (same data dir and port),
 //! [`Cluster::leader`]. Network faults: [`FaultProxy`]. A lock holder in its own
 //! process: [`child::ChildProcess`].
+//!
+//! # Redis Cluster
+//! [`spawn_redis_cluster`] / [`redis_cluster`] (URL `redis+cluster://…`, masters
+//! first; explicit bus ports; formed over raw RESP, no `redis-cli`; node timeout
+//! [`NODE_TIMEOUT_MS`] = 1 s for fast failover). Helpers on its [`Cluster`]:
+//! [`Cluster::node_id`], [`Cluster::cluster_nodes`] (parsed `CLUSTER NODES`),
+//! [`Cluster::masters`], [`Cluster::replicas_of`], [`Cluster::master_of_slot`],
+//! [`Cluster::master_of_key`] (slot from [`probe::redis_key_slot`]),
+//! [`Cluster::wait_cluster_ok`], [`Cluster::wait_for_failover`] (after killing a
+//! master) and [`Cluster::migrate_slot`] (the documented IMPORTING/MIGRATING/
+//! `MIGRATE`/`SETSLOT NODE` procedure, usable under load). Raw RESP for tests:
+//! [`probe::RedisConn`].
 //!
 //! # No orphans
 //! Every child gets `PR_SET_PDEATHSIG = SIGKILL` (forked from one long-lived spawner
@@ -39,12 +52,14 @@ mod consul;
 pub mod probe;
 mod process;
 mod proxy;
+mod redis_cluster;
 mod server;
 
 pub use bins::{is_ci, APT_INSTALL_ALL, ZOOKEEPER_JAR};
 pub use child::ChildProcess;
 pub use consul::{spawn_consul_sim, ConsulTarget};
 pub use proxy::{FaultProxy, ProxyMode};
+pub use redis_cluster::{parse_cluster_nodes, NodeLine, NODE_TIMEOUT_MS, SLOTS};
 pub use server::{Cluster, EtcdOptions, Kind, RedisOptions, Server, TlsFiles, ZookeeperOptions};
 
 use std::sync::OnceLock;
@@ -174,6 +189,23 @@ pub fn spawn_etcd_cluster(size: usize, options: EtcdOptions) -> Result<Cluster> 
     server::spawn_etcd_cluster(size, &options)
 }
 
+/// Spawns a private Redis Cluster of `masters` masters (members `0..masters`, the
+/// 16384 slots split evenly in member order) and `replicas_per_master` replicas each
+/// (member `masters + i * replicas_per_master + r` replicates master `i`), every node
+/// with an explicit cluster bus port and `--cluster-node-timeout 1000` (fast
+/// failover; `options.args` can override it). The cluster is formed without
+/// `redis-cli` and is returned once every node reports `cluster_state:ok`, all agree
+/// on the owner of every slot and every replica is in sync. The URL is
+/// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...` (masters first). TLS is not
+/// supported ([`Error::Invalid`]). Killed when the handle drops.
+pub fn spawn_redis_cluster(
+    masters: usize,
+    replicas_per_master: usize,
+    options: RedisOptions,
+) -> Result<Cluster> {
+    redis_cluster::spawn_redis_cluster(masters, replicas_per_master, &options)
+}
+
 /// Spawns a private ZooKeeper ensemble of `size` members; waits until all serve.
 /// Use [`ZookeeperOptions::fast`] (`tickTime=200`) for fault tests.
 pub fn spawn_zookeeper_ensemble(size: usize, options: ZookeeperOptions) -> Result<Cluster> {
@@ -297,6 +329,24 @@ pub fn try_zookeeper_ensemble() -> Result<&'static Cluster, String> {
         match env_url("LATCHKEY_TEST_ZOOKEEPER_ENSEMBLE_URL") {
             Some(url) => Ok(Cluster::external(Kind::ZooKeeper, url)),
             None => spawn_zookeeper_ensemble(3, ZookeeperOptions::default()),
+        }
+    })
+}
+
+/// The shared 3-master Redis Cluster without replicas (or
+/// `LATCHKEY_TEST_REDIS_CLUSTER_URL`, a `redis+cluster://` URL); panics if it cannot
+/// start. See [`spawn_redis_cluster`]; for failover tests spawn your own with replicas.
+pub fn redis_cluster() -> &'static Cluster {
+    must("redis cluster", try_redis_cluster())
+}
+
+/// Like [`redis_cluster`], returning the reason instead of panicking (except with `CI=true`).
+pub fn try_redis_cluster() -> Result<&'static Cluster, String> {
+    static CELL: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    shared(&CELL, "redis cluster", || {
+        match env_url("LATCHKEY_TEST_REDIS_CLUSTER_URL") {
+            Some(url) => Ok(Cluster::external(Kind::Redis, url)),
+            None => spawn_redis_cluster(3, 0, RedisOptions::default()),
         }
     })
 }

@@ -194,3 +194,198 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+// ------------------------------------------------------------ RESP (full replies)
+
+/// One RESP2 reply, fully parsed (nested arrays included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resp {
+    /// `+OK`
+    Simple(String),
+    /// `-ERR ...` (the text after `-`).
+    Error(String),
+    /// `:42`
+    Int(i64),
+    /// `$n` payload; `None` for the nil bulk `$-1`.
+    Bulk(Option<Vec<u8>>),
+    /// `*n` elements; `None` for the nil array `*-1`.
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The text of a simple string or bulk reply (lossy UTF-8).
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Resp::Simple(s) => Some(s.clone()),
+            Resp::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Turns an error reply into an `io::Error` (kind `Other`, message = the error text).
+    pub fn into_result(self) -> io::Result<Resp> {
+        match self {
+            Resp::Error(e) => Err(io::Error::other(e)),
+            v => Ok(v),
+        }
+    }
+}
+
+/// Parses one reply from the start of `b`: `Ok(None)` while incomplete, else the
+/// value and how many bytes it used.
+fn parse_resp(b: &[u8]) -> io::Result<Option<(Resp, usize)>> {
+    let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let Some(&tag) = b.first() else {
+        return Ok(None);
+    };
+    let line = String::from_utf8_lossy(&b[1..eol]).into_owned();
+    let after = eol + 2;
+    let num = || {
+        line.parse::<i64>()
+            .map_err(|_| io::Error::other(format!("malformed RESP length {line:?}")))
+    };
+    Ok(match tag {
+        b'+' => Some((Resp::Simple(line), after)),
+        b'-' => Some((Resp::Error(line), after)),
+        b':' => Some((Resp::Int(num()?), after)),
+        b'$' => {
+            let n = num()?;
+            if n < 0 {
+                Some((Resp::Bulk(None), after))
+            } else if b.len() < after + n as usize + 2 {
+                None
+            } else {
+                let data = b[after..after + n as usize].to_vec();
+                Some((Resp::Bulk(Some(data)), after + n as usize + 2))
+            }
+        }
+        b'*' => {
+            let n = num()?;
+            if n < 0 {
+                return Ok(Some((Resp::Array(None), after)));
+            }
+            let mut items = Vec::with_capacity(n as usize);
+            let mut at = after;
+            for _ in 0..n {
+                match parse_resp(&b[at..])? {
+                    Some((v, used)) => {
+                        items.push(v);
+                        at += used;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Some((Resp::Array(Some(items)), at))
+        }
+        other => {
+            return Err(io::Error::other(format!(
+                "unexpected RESP type byte {:?}",
+                other as char
+            )))
+        }
+    })
+}
+
+/// A plain-TCP (no TLS) connection to one Redis server speaking RESP2, for the
+/// testkit's admin commands (cluster formation, slot moves) and for tests that want
+/// raw replies. Every read and write is bounded by the timeout.
+#[derive(Debug)]
+pub struct RedisConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl RedisConn {
+    /// Connects to `addr`; `timeout` bounds the connect and every later reply.
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<RedisConn> {
+        Ok(RedisConn {
+            stream: connect(addr, timeout)?,
+            buf: Vec::new(),
+            timeout,
+        })
+    }
+
+    /// Sends one command and reads its whole reply. An error reply is `Ok(Resp::Error)`.
+    pub fn query<A: AsRef<[u8]>>(&mut self, args: &[A]) -> io::Result<Resp> {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            let a = a.as_ref();
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        self.stream.write_all(&req).map_err(timeout_kind)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some((v, used)) = parse_resp(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(v);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "reply timed out"));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before the reply",
+                    ))
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(timeout_kind(e)),
+            }
+        }
+    }
+
+    /// Like [`RedisConn::query`], with an error reply turned into an `io::Error`.
+    pub fn query_ok<A: AsRef<[u8]>>(&mut self, args: &[A]) -> io::Result<Resp> {
+        self.query(args)?.into_result()
+    }
+
+    /// A command whose reply is text (simple or bulk string), e.g. `CLUSTER NODES`.
+    pub fn query_text<A: AsRef<[u8]>>(&mut self, args: &[A]) -> io::Result<String> {
+        let v = self.query_ok(args)?;
+        v.text()
+            .ok_or_else(|| io::Error::other(format!("expected a text reply, got {v:?}")))
+    }
+}
+
+/// One command on a new connection, with the whole reply parsed (see [`RedisConn`]).
+pub fn redis_query<A: AsRef<[u8]>>(
+    addr: SocketAddr,
+    args: &[A],
+    timeout: Duration,
+) -> io::Result<Resp> {
+    RedisConn::connect(addr, timeout)?.query(args)
+}
+
+/// The Redis Cluster hash slot of a key (CRC16/XMODEM mod 16384 of the key, or of
+/// its `{hash tag}` when it has a non-empty one), as `CLUSTER KEYSLOT` computes it.
+pub fn redis_key_slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&c| c == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&c| c == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    let mut crc: u16 = 0;
+    for &b in hashed {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `leader()` waits for an election to settle.
 const LEADER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -298,7 +298,7 @@ fn log_tail(log: &Path, from: u64) -> String {
 
 /// Everything needed to (re)start one server process.
 #[derive(Debug)]
-struct NodeSpec {
+pub(crate) struct NodeSpec {
     name: String,
     program: PathBuf,
     args: Vec<OsString>,
@@ -318,7 +318,7 @@ struct NodeState {
 
 /// One spawned process and the way to start it again.
 #[derive(Debug)]
-struct Node {
+pub(crate) struct Node {
     spec: NodeSpec,
     state: Mutex<NodeState>,
 }
@@ -395,7 +395,7 @@ impl Node {
         }
     }
 
-    fn start(&self, wait: bool) -> Result<()> {
+    pub(crate) fn start(&self, wait: bool) -> Result<()> {
         {
             let mut st = self.lock();
             self.start_locked(&mut st)?;
@@ -473,6 +473,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// A member of a cluster: a started node whose dir belongs to the cluster's root.
+    pub(crate) fn member(kind: Kind, url: String, port: u16, node: Node, dir: PathBuf) -> Server {
+        Server {
+            kind,
+            url,
+            addr: Some(loopback(port)),
+            node: Some(node),
+            data_dir: Some(dir),
+            _dir: None,
+        }
+    }
+
     pub(crate) fn external(kind: Kind, url: String) -> Server {
         Server {
             kind,
@@ -609,6 +621,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster of started members; the caller waits for readiness.
+    pub(crate) fn from_members(
+        kind: Kind,
+        url: String,
+        members: Vec<Server>,
+        root: TempDir,
+    ) -> Cluster {
+        Cluster {
+            kind,
+            url,
+            members,
+            _dir: Some(root),
+        }
+    }
+
     pub(crate) fn external(kind: Kind, url: String) -> Cluster {
         Cluster {
             kind,
@@ -641,9 +668,18 @@ impl Cluster {
     /// The current leader, waiting (up to 15 s) for an election to settle. etcd: the
     /// member whose id is the `leader` of `/v3/maintenance/status` (plain-HTTP
     /// clusters only); ZooKeeper: the member whose `srvr` says `Mode: leader`.
+    /// A Redis Cluster has no single leader: this is [`Error::Invalid`] there (use
+    /// [`Cluster::master_of_slot`]).
     pub fn leader(&self) -> Result<&Server> {
         if self.is_external() {
             return Err(Error::External(self.url.clone()));
+        }
+        if self.kind == Kind::Redis {
+            return Err(Error::Invalid(
+                "a Redis Cluster has one master per slot range, no single leader; \
+                 use master_of_slot / master_of_key"
+                    .into(),
+            ));
         }
         let deadline = Instant::now() + LEADER_TIMEOUT;
         loop {
@@ -707,12 +743,17 @@ impl Cluster {
         }
     }
 
-    /// Waits until every running member answers its readiness probe.
+    /// Waits until every running member answers its readiness probe; for a Redis
+    /// Cluster also until every running node reports `cluster_state:ok` and all agree
+    /// on who owns every slot (see [`Cluster::wait_cluster_ok`]).
     pub fn wait_ready(&self) -> Result<()> {
         for m in &self.members {
             if m.is_running() {
                 m.wait_ready()?;
             }
+        }
+        if self.kind == Kind::Redis && !self.is_external() {
+            self.wait_cluster_ok()?;
         }
         Ok(())
     }
@@ -740,7 +781,7 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
     Ok(out)
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -751,7 +792,7 @@ fn subst(s: &str, port: u16, dir: &Path) -> String {
 
 /// Retries a whole spawn a few times: a free port can be taken by another process
 /// between choosing it and the server binding it.
-fn with_port_retries<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+pub(crate) fn with_port_retries<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut last = None;
     for _ in 0..3 {
         match f() {
@@ -767,78 +808,94 @@ fn with_port_retries<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
 
 // ---------------------------------------------------------------- Redis
 
+/// The `redis-server` process for one server (or cluster node) on `port` with data in
+/// `d`; `extra` goes before the caller's `opts.args` (so those can override it).
+pub(crate) fn redis_node(
+    program: &Path,
+    opts: &RedisOptions,
+    port: u16,
+    d: &Path,
+    extra: &[String],
+) -> Node {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |a: &str| args.push(a.into());
+    if let Some(tls) = &opts.tls {
+        push("--port");
+        push("0");
+        push("--tls-port");
+        push(&port.to_string());
+        push("--tls-cert-file");
+        push(&tls.cert.display().to_string());
+        push("--tls-key-file");
+        push(&tls.key.display().to_string());
+        push("--tls-ca-cert-file");
+        push(&tls.ca.display().to_string());
+        push("--tls-auth-clients");
+        push("no");
+    } else {
+        push("--port");
+        push(&port.to_string());
+    }
+    for a in [
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        // Keep argv (with the unique dir) visible to `pgrep -f`.
+        "--set-proc-title",
+        "no",
+    ] {
+        push(a);
+    }
+    push("--dir");
+    push(&d.display().to_string());
+    push("--logfile");
+    push(&d.join("redis.log").display().to_string());
+    if opts.debug_command {
+        push("--enable-debug-command");
+        push("local");
+    }
+    for a in extra {
+        push(a);
+    }
+    for a in &opts.args {
+        push(&subst(a, port, d));
+    }
+    let addr = loopback(port);
+    let ready = if opts.tls.is_some() {
+        Ready::LogLine(addr, "Ready to accept connections")
+    } else {
+        Ready::RedisPing(addr)
+    };
+    Node::new(NodeSpec {
+        name: format!("redis-server on {addr}"),
+        program: program.to_path_buf(),
+        args,
+        cwd: d.to_path_buf(),
+        // Redis writes to --logfile; stdout/stderr only catch early startup errors,
+        // and readiness by log line reads the --logfile.
+        log: d.join("redis.log"),
+        ready,
+        ready_timeout: opts.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
+    })
+}
+
 pub(crate) fn spawn_redis(opts: &RedisOptions) -> Result<Server> {
     let program = bins::redis_server()?;
     with_port_retries(|| {
         let dir = TempDir::new("redis")?;
         let port = free_ports(1)?[0];
         let d = dir.path().to_path_buf();
-        let mut args: Vec<OsString> = Vec::new();
-        let mut push = |a: &str| args.push(a.into());
-        if let Some(tls) = &opts.tls {
-            push("--port");
-            push("0");
-            push("--tls-port");
-            push(&port.to_string());
-            push("--tls-cert-file");
-            push(&tls.cert.display().to_string());
-            push("--tls-key-file");
-            push(&tls.key.display().to_string());
-            push("--tls-ca-cert-file");
-            push(&tls.ca.display().to_string());
-            push("--tls-auth-clients");
-            push("no");
-        } else {
-            push("--port");
-            push(&port.to_string());
-        }
-        for a in [
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            // Keep argv (with the unique dir) visible to `pgrep -f`.
-            "--set-proc-title",
-            "no",
-        ] {
-            push(a);
-        }
-        push("--dir");
-        push(&d.display().to_string());
-        push("--logfile");
-        push(&d.join("redis.log").display().to_string());
-        if opts.debug_command {
-            push("--enable-debug-command");
-            push("local");
-        }
-        for a in &opts.args {
-            push(&subst(a, port, &d));
-        }
-        let addr = loopback(port);
-        let ready = if opts.tls.is_some() {
-            Ready::LogLine(addr, "Ready to accept connections")
-        } else {
-            Ready::RedisPing(addr)
-        };
-        let node = Node::new(NodeSpec {
-            name: format!("redis-server on {addr}"),
-            program: program.clone(),
-            args,
-            cwd: d.clone(),
-            // Redis writes to --logfile; stdout/stderr only catch early startup errors,
-            // and readiness by log line reads the --logfile.
-            log: d.join("redis.log"),
-            ready,
-            ready_timeout: opts.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
-        });
+        let node = redis_node(&program, opts, port, &d, &[]);
         node.start(true)?;
         let scheme = if opts.tls.is_some() {
             "rediss"
         } else {
             "redis"
         };
+        let addr = loopback(port);
         Ok(Server {
             kind: Kind::Redis,
             url: format!("{scheme}://{addr}"),
