@@ -365,14 +365,24 @@ fn check_no_spurious_loss(h: &History, f: &mut Findings) {
         None => format!("{t} ns (no latency phase recorded)"),
     };
     let checked: Vec<&HoldingEnd> = h.holdings.iter().filter(|x| !x.staged).collect();
-    let in_phase = checked
-        .iter()
-        .filter(|x| match (start, end) {
-            (Some(s), Some(e)) => x.released >= s && x.acquired <= e,
-            (Some(s), None) => x.released >= s,
-            (None, _) => true,
-        })
-        .count();
+    let overlaps = |x: &HoldingEnd| match (start, end) {
+        (Some(s), Some(e)) => x.released >= s && x.acquired <= e,
+        (Some(s), None) => x.released >= s,
+        (None, _) => true,
+    };
+    let in_phase = checked.iter().filter(|x| overlaps(x)).count();
+    f.summary.push_str(&format!(
+        "; spurious-loss check: {} holdings, {in_phase} overlapping the latency phase (the \
+         longest of them {:.3} s)",
+        checked.len(),
+        checked
+            .iter()
+            .filter(|x| overlaps(x))
+            .map(|x| x.released.saturating_sub(x.acquired))
+            .max()
+            .unwrap_or(0) as f64
+            / 1e9
+    ));
     if in_phase == 0 {
         f.violations.push(
             "spurious loss: no holding of a counter client overlapped the latency phase: \

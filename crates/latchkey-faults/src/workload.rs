@@ -34,6 +34,11 @@ pub struct RunCfg {
     pub lock_wait: Duration,
     /// Test-only: write the counter with a plain put instead of the fenced txn.
     pub unfenced: bool,
+    /// Every 4th holding of a counter client lasts [`RunCfg::long_hold`]
+    /// (slow-network: a holding that outlives its TTL survives only if its
+    /// renewals worked, so the spurious-loss check covers the renewal path,
+    /// not just the acquisition).
+    pub long_holds: bool,
 }
 
 impl RunCfg {
@@ -47,7 +52,23 @@ impl RunCfg {
             op_timeout: Duration::from_secs(4).max(ttl),
             lock_wait: ttl * 2 + Duration::from_secs(3),
             unfenced,
+            long_holds: false,
         }
+    }
+
+    /// How long a long holding waits between its read and its write: a third
+    /// longer than the TTL (about four renewal periods of TTL/3).
+    pub fn long_hold(&self) -> Duration {
+        self.ttl * 4 / 3
+    }
+}
+
+/// Sleeps `d`, in steps, ending early when the run stops.
+async fn hold_for(d: Duration, shared: &Shared) {
+    let end = Instant::now() + d;
+    while !shared.stopped() && Instant::now() < end {
+        let left = end.saturating_duration_since(Instant::now());
+        tokio::time::sleep(left.min(Duration::from_millis(50))).await;
     }
 }
 
@@ -207,6 +228,9 @@ pub async fn counter_client(url: String, cfg: Arc<RunCfg>, shared: Arc<Shared>, 
             },
             _ => None,
         };
+        if cfg.long_holds && rng.random_range(0..4) == 0 {
+            hold_for(cfg.long_hold(), &shared).await;
+        }
         let mut write = None;
         if let Some(n) = n {
             let write_call = now_ns();
@@ -513,6 +537,7 @@ impl ChildDriver {
     pub fn run(mut self, cfg: &RunCfg, shared: &Shared, proxies: &ProxyGroup) {
         let client = shared.client_id();
         let long = cfg.lock_wait + cfg.op_timeout * 2;
+        let mut holdings = 0u64;
         while !shared.stopped() {
             shared.with(|h| h.ops += 1);
             let (token, acquired) = match self.ask("lock", long) {
@@ -539,6 +564,13 @@ impl ChildDriver {
                 self.release(cfg, shared, client, token, acquired, None, false);
                 continue;
             };
+            holdings += 1;
+            if cfg.long_holds && holdings.is_multiple_of(4) {
+                let end = Instant::now() + cfg.long_hold();
+                while !shared.stopped() && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             let stale = shared
                 .stale_request
                 .lock()
