@@ -55,7 +55,7 @@ const JAVA: Need = Need {
 fn needs(backend: Option<&str>) -> Vec<Need> {
     match backend {
         None => vec![REDIS, ETCD, ZOOKEEPER, PROTOC, JAVA],
-        Some("redis") => vec![REDIS],
+        Some("redis") | Some("redis-cluster") => vec![REDIS],
         Some("etcd") => vec![ETCD, PROTOC],
         Some("zookeeper") => vec![ZOOKEEPER, JAVA],
         // The Consul adapter is tested against the in-process simulator; mem needs nothing.
@@ -178,6 +178,7 @@ mod tests {
     fn each_backend_needs_its_servers() {
         let names = |b| needs(b).iter().map(|n| n.package).collect::<Vec<_>>();
         assert_eq!(names(Some("redis")), vec!["redis-server"]);
+        assert_eq!(names(Some("redis-cluster")), vec!["redis-server"]);
         assert_eq!(
             names(Some("etcd")),
             vec!["etcd-server", "protobuf-compiler"]

@@ -9,7 +9,10 @@
 //! cargo xtask bench                   criterion benches (adapter vs raw client) + handoff table
 //! cargo xtask faults [ARGS]           the fault-injection runs (latchkey-faults ARGS)
 //! ```
-//! B is one of mem, redis, etcd, zookeeper, consul.
+//! B is one of mem, redis, redis-cluster, etcd, zookeeper, consul. `redis-cluster` is
+//! the Redis adapter (`-p latchkey-redis`) on a real 3-master Redis Cluster: only its
+//! cluster test targets (`tests/*cluster*.rs`, e.g. the `redis/cluster` conformance
+//! suite) run.
 
 mod bench;
 mod deps;
@@ -20,7 +23,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The backends `--backend` accepts.
-pub const BACKENDS: &[&str] = &["mem", "redis", "etcd", "zookeeper", "consul"];
+pub const BACKENDS: &[&str] = &[
+    "mem",
+    "redis",
+    "redis-cluster",
+    "etcd",
+    "zookeeper",
+    "consul",
+];
+
+/// The crate `crates/latchkey-<name>` that holds a backend's adapter and tests:
+/// `redis-cluster` is the Redis adapter on a Redis Cluster.
+pub fn crate_of(backend: &str) -> &str {
+    match backend {
+        "redis-cluster" => "redis",
+        b => b,
+    }
+}
 
 const USAGE: &str = "\
 usage:
@@ -29,7 +48,8 @@ usage:
   cargo xtask services up|down|status
   cargo xtask bench
   cargo xtask faults [--backend B] [--runs K] [--seed S]
-B: mem | redis | etcd | zookeeper | consul";
+B: mem | redis | redis-cluster | etcd | zookeeper | consul
+   (redis-cluster: the Redis crate's cluster tests against a real 3-master Redis Cluster)";
 
 /// The workspace root (this crate lives in `<root>/xtask`).
 pub fn root() -> PathBuf {

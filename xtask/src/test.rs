@@ -5,7 +5,7 @@
 //! servers through `latchkey-testkit`), then print one line per backend from the
 //! output of its `conformance` test binary.
 
-use crate::{cargo, deps, root, BACKENDS};
+use crate::{cargo, crate_of, deps, root, BACKENDS};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -34,7 +34,9 @@ impl Suite {
 /// Backend packages present in the tree that have a `tests/conformance.rs`.
 fn discover(root: &Path) -> Vec<Suite> {
     let mut out = Vec::new();
-    for b in BACKENDS {
+    let mut crates: Vec<&str> = BACKENDS.iter().map(|b| crate_of(b)).collect();
+    crates.dedup();
+    for b in crates {
         let tests = root.join(format!("crates/latchkey-{b}/tests"));
         if !tests.join("conformance.rs").is_file() {
             continue;
@@ -60,9 +62,51 @@ fn discover(root: &Path) -> Vec<Suite> {
     out
 }
 
+/// True when `cargo xtask test --backend <backend>` runs suite `s`: the suites of
+/// the backend's crate; for `redis-cluster` only the Redis crate's cluster suites.
+fn selects(backend: Option<&str>, s: &Suite) -> bool {
+    match backend {
+        None => true,
+        Some("redis-cluster") => s.backend == "redis" && is_cluster_target(&s.target),
+        Some(b) => s.backend == b,
+    }
+}
+
+/// A test target of a cluster deployment (`conformance_cluster`, `cluster`, ...).
+fn is_cluster_target(target: &str) -> bool {
+    target.contains("cluster")
+}
+
+/// `--test <stem>` for every `tests/*cluster*.rs` of the Redis crate (sorted).
+fn cluster_test_targets(root: &Path) -> Vec<String> {
+    let mut stems: Vec<String> = std::fs::read_dir(root.join("crates/latchkey-redis/tests"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".rs")?.to_string();
+            is_cluster_target(&stem).then_some(stem)
+        })
+        .collect();
+    stems.sort();
+    stems
+}
+
 fn package_args(root: &Path, backend: Option<&str>) -> Result<Vec<String>, String> {
     match backend {
         None => Ok(vec!["--workspace".into()]),
+        Some("redis-cluster") => {
+            if !root.join("crates/latchkey-redis/Cargo.toml").is_file() {
+                return Err("there is no crate crates/latchkey-redis".into());
+            }
+            let mut v = vec!["-p".to_string(), "latchkey-redis".to_string()];
+            // Only the cluster test targets; without any, the whole package.
+            for stem in cluster_test_targets(root) {
+                v.extend(["--test".to_string(), stem]);
+            }
+            Ok(v)
+        }
         Some(b) => {
             if !root
                 .join(format!("crates/latchkey-{b}/Cargo.toml"))
@@ -184,7 +228,7 @@ pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
     let pkgs = package_args(&root, backend)?;
     let suites: Vec<Suite> = discover(&root)
         .into_iter()
-        .filter(|s| backend.is_none_or(|b| b == s.backend))
+        .filter(|s| selects(backend, s))
         .collect();
     let exes = build(&root, &pkgs)?;
 
@@ -294,8 +338,15 @@ pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
         }
     }
     for b in BACKENDS {
-        if backend.is_none_or(|x| x == *b) && !suites.iter().any(|s| s.backend == *b) {
-            println!("conformance {b}: no crates/latchkey-{b}/tests/conformance.rs yet (not run)");
+        if backend.is_none_or(|x| x == *b) && !suites.iter().any(|s| selects(Some(b), s)) {
+            let c = crate_of(b);
+            if *b == "redis-cluster" {
+                println!("conformance {b}: no crates/latchkey-{c}/tests/conformance_cluster.rs yet (not run)");
+            } else {
+                println!(
+                    "conformance {b}: no crates/latchkey-{c}/tests/conformance.rs yet (not run)"
+                );
+            }
         }
     }
     if !failed_binaries.is_empty() {
@@ -352,5 +403,78 @@ mod tests {
             target: "conformance".into(),
         };
         assert_eq!(s.label(), "redis");
+        let s = Suite {
+            backend: "redis".into(),
+            target: "conformance_cluster".into(),
+        };
+        assert_eq!(s.label(), "redis/cluster");
+    }
+
+    /// A throwaway tree with a Redis crate that has these test files.
+    fn tree(files: &[&str]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!(
+            "xtask-test-{}-{}",
+            std::process::id(),
+            files.join("-").replace(['.', '/'], "_")
+        ));
+        let tests = root.join("crates/latchkey-redis/tests");
+        std::fs::create_dir_all(&tests).unwrap();
+        std::fs::write(root.join("crates/latchkey-redis/Cargo.toml"), "").unwrap();
+        for f in files {
+            std::fs::write(tests.join(f), "").unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn redis_cluster_runs_the_redis_crates_cluster_suites_only() {
+        assert!(crate::BACKENDS.contains(&"redis-cluster"));
+        assert_eq!(crate_of("redis-cluster"), "redis");
+        assert_eq!(crate_of("etcd"), "etcd");
+        let root = tree(&[
+            "conformance.rs",
+            "conformance_cluster.rs",
+            "cluster.rs",
+            "adapter.rs",
+        ]);
+        let suites = discover(&root);
+        let labels: Vec<String> = suites.iter().map(Suite::label).collect();
+        // Listed once, under the Redis crate.
+        assert_eq!(labels, vec!["redis", "redis/cluster"]);
+        let picked = |b| -> Vec<String> {
+            suites
+                .iter()
+                .filter(|s| selects(b, s))
+                .map(Suite::label)
+                .collect()
+        };
+        assert_eq!(picked(Some("redis-cluster")), vec!["redis/cluster"]);
+        assert_eq!(picked(Some("redis")), vec!["redis", "redis/cluster"]);
+        assert_eq!(picked(None).len(), 2);
+        assert!(picked(Some("etcd")).is_empty());
+        assert_eq!(
+            package_args(&root, Some("redis-cluster")).unwrap(),
+            [
+                "-p",
+                "latchkey-redis",
+                "--test",
+                "cluster",
+                "--test",
+                "conformance_cluster"
+            ]
+        );
+        assert_eq!(
+            package_args(&root, Some("redis")).unwrap(),
+            ["-p", "latchkey-redis"]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+
+        // Without cluster test files: the whole Redis package.
+        let root = tree(&["conformance.rs"]);
+        assert_eq!(
+            package_args(&root, Some("redis-cluster")).unwrap(),
+            ["-p", "latchkey-redis"]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
