@@ -1,8 +1,11 @@
 //! `cargo xtask services up|down|status`: long-running local servers for manual work
 //! (examples, the CLI, running tests against servers that outlive the test run).
 //!
-//! `up` starts Redis, etcd, ZooKeeper and the Consul simulator on loopback (default
-//! ports when free), each detached in its own session with its data under
+//! `up` starts Redis, a 3-master Redis Cluster (client ports 7000–7002 and bus ports
+//! 17000–17002 when free, `--cluster-node-timeout 1000`, formed with `CLUSTER
+//! ADDSLOTSRANGE`/`SET-CONFIG-EPOCH`/`MEET`, no `redis-cli`), etcd, ZooKeeper and the
+//! Consul simulator on loopback (default ports when free), each detached in its own
+//! session with its data under
 //! `target/latchkey-services/<name>`, records them in `target/latchkey-services.json`
 //! and prints `LATCHKEY_TEST_*_URL=` lines on stdout (progress goes to stderr, so
 //! `eval "$(cargo xtask services up)"` works). `down` stops exactly the recorded PIDs.
@@ -24,8 +27,11 @@ pub(crate) struct Service {
     pid: u32,
     port: u16,
     pub(crate) url: String,
+    /// Empty for a process that is not a service of its own (cluster nodes 2..).
     env: String,
     dir: PathBuf,
+    /// Cluster bus port of a Redis Cluster node (0 otherwise).
+    bus: u16,
 }
 
 fn state_file() -> PathBuf {
@@ -42,7 +48,7 @@ fn save(services: &[Service]) -> Result<(), String> {
         .map(|s| {
             serde_json::json!({
                 "name": s.name, "pid": s.pid, "port": s.port, "url": s.url,
-                "env": s.env, "dir": s.dir.display().to_string(),
+                "env": s.env, "dir": s.dir.display().to_string(), "bus": s.bus,
             })
         })
         .collect();
@@ -69,6 +75,7 @@ pub(crate) fn load() -> Result<Vec<Service>, String> {
             url: s["url"].as_str().unwrap_or_default().into(),
             env: s["env"].as_str().unwrap_or_default().into(),
             dir: s["dir"].as_str().unwrap_or_default().into(),
+            bus: s["bus"].as_u64().unwrap_or(0) as u16,
         });
     }
     Ok(out)
@@ -165,6 +172,9 @@ fn http_get(port: u16, path: &str) -> String {
 fn ready(name: &str, port: u16) -> bool {
     match name {
         "redis" => exchange(port, b"*1\r\n$4\r\nPING\r\n").is_ok_and(|r| r.starts_with("+PONG")),
+        "redis-cluster" => {
+            resp(port, &["CLUSTER", "INFO"]).is_ok_and(|r| r.contains("cluster_state:ok"))
+        }
         "etcd" => http_get(port, "/health").contains("\"health\":\"true\""),
         "zookeeper" => exchange(port, b"srvr").is_ok_and(|r| r.contains("Mode:")),
         "consul-sim" => {
@@ -345,11 +355,160 @@ fn service(name: &str, pid: u32, port: u16, url: String, env: &str, dir: &Path) 
         url,
         env: env.into(),
         dir: dir.to_path_buf(),
+        bus: 0,
     }
 }
 
+/// One Redis command in RESP; returns the reply (simple line, or a bulk's payload).
+fn resp(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        let Some(eol) = text.find("\r\n") else {
+            continue;
+        };
+        if let Some(len) = text.strip_prefix('$') {
+            let len: usize = len[..eol - 1].parse().unwrap_or(0);
+            if text.len() >= eol + 2 + len {
+                return Ok(text[eol + 2..eol + 2 + len].to_string());
+            }
+            continue;
+        }
+        if let Some(e) = text.strip_prefix('-') {
+            return Err(std::io::Error::other(e[..eol - 1].to_string()));
+        }
+        return Ok(text[..eol].to_string());
+    }
+}
+
+/// Nodes of the local Redis Cluster (client and bus ports).
+const CLUSTER_PORTS: [(u16, u16); 3] = [(7000, 17000), (7001, 17001), (7002, 17002)];
+
+/// Starts the cluster's nodes (not yet a cluster: see [`form_cluster`]). Node 1 carries
+/// the cluster URL and its variable; the others are only recorded for `down`.
+fn start_redis_cluster(base: &Path, taken: &mut Vec<u16>) -> Result<Vec<Service>, String> {
+    let bin = find_on_path("redis-server").ok_or("redis-server is not installed")?;
+    let mut ports = Vec::new();
+    for (port, bus) in CLUSTER_PORTS {
+        ports.push((pick_port(port, taken)?, pick_port(bus, taken)?));
+    }
+    let hosts: Vec<String> = ports
+        .iter()
+        .map(|(p, _)| format!("127.0.0.1:{p}"))
+        .collect();
+    let url = format!("redis+cluster://{}", hosts.join(","));
+    let mut out = Vec::new();
+    for (i, (port, bus)) in ports.into_iter().enumerate() {
+        let dir = base.join(format!("n{}", i + 1));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let d = dir.display().to_string();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--set-proc-title",
+            "no",
+            "--dir",
+            &d,
+            "--logfile",
+            &format!("{d}/redis.log"),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &format!("{d}/nodes.conf"),
+            "--cluster-port",
+            &bus.to_string(),
+            "--cluster-node-timeout",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pid = spawn_detached(&bin, &args, &dir, "stdout.log")?;
+        let (node_url, env) = if i == 0 {
+            (url.clone(), "LATCHKEY_TEST_REDIS_CLUSTER_URL")
+        } else {
+            (format!("redis://127.0.0.1:{port}"), "")
+        };
+        let mut s = service("redis-cluster", pid, port, node_url, env, &dir);
+        s.bus = bus;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Makes the started nodes one cluster: the 16384 slots split evenly, distinct
+/// config epochs, `CLUSTER MEET` from node 1 (with the bus port). `wait_ready` then
+/// waits for `cluster_state:ok` on each.
+fn form_cluster(nodes: &[Service]) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for n in nodes {
+        while !resp(n.port, &["PING"]).is_ok_and(|r| r == "+PONG") {
+            if Instant::now() >= deadline || !Path::new(&format!("/proc/{}", n.pid)).exists() {
+                return Err(format!(
+                    "redis-cluster node on port {} did not start; see its log in {}",
+                    n.port,
+                    n.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let per = 16384 / nodes.len();
+    let cmd = |port: u16, args: &[&str]| {
+        resp(port, args).map_err(|e| format!("{} on port {port}: {e}", args.join(" ")))
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        let lo = i * per;
+        let hi = if i + 1 == nodes.len() {
+            16383
+        } else {
+            lo + per - 1
+        };
+        cmd(
+            n.port,
+            &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
+        )?;
+        cmd(
+            n.port,
+            &["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()],
+        )?;
+    }
+    for n in &nodes[1..] {
+        cmd(
+            nodes[0].port,
+            &[
+                "CLUSTER",
+                "MEET",
+                "127.0.0.1",
+                &n.port.to_string(),
+                &n.bus.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 fn print_env(services: &[Service]) {
-    for s in services {
+    for s in services.iter().filter(|s| !s.env.is_empty()) {
         println!("{}={}", s.env, s.url);
     }
 }
@@ -367,23 +526,25 @@ pub fn up() -> Result<(), String> {
     let mut taken = Vec::new();
     let mut started: Vec<Service> = Vec::new();
     let mut failures = Vec::new();
-    type Starter = Box<dyn Fn(&Path, &mut Vec<u16>) -> Result<Service, String>>;
+    type Starter = Box<dyn Fn(&Path, &mut Vec<u16>) -> Result<Vec<Service>, String>>;
+    let one = |r: Result<Service, String>| r.map(|s| vec![s]);
     let starters: Vec<(&str, Starter)> = vec![
         (
             "redis",
-            Box::new(|d, t| start_redis(d, pick_port(6379, t)?)),
+            Box::new(move |d, t| one(start_redis(d, pick_port(6379, t)?))),
         ),
+        ("redis-cluster", Box::new(start_redis_cluster)),
         (
             "etcd",
-            Box::new(|d, t| start_etcd(d, pick_port(2379, t)?, pick_port(2380, t)?)),
+            Box::new(move |d, t| one(start_etcd(d, pick_port(2379, t)?, pick_port(2380, t)?))),
         ),
         (
             "zookeeper",
-            Box::new(|d, t| start_zookeeper(d, pick_port(2181, t)?)),
+            Box::new(move |d, t| one(start_zookeeper(d, pick_port(2181, t)?))),
         ),
         (
             "consul-sim",
-            Box::new(|d, t| start_consul_sim(d, pick_port(8500, t)?)),
+            Box::new(move |d, t| one(start_consul_sim(d, pick_port(8500, t)?))),
         ),
     ];
     for (name, start) in starters {
@@ -394,15 +555,30 @@ pub fn up() -> Result<(), String> {
         }
         match start(&dir, &mut taken) {
             Ok(s) => {
-                started.push(s.clone());
+                started.extend(s);
                 // Record at once so `down` finds it even if a later one fails.
                 save(&started)?;
             }
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
+    let cluster: Vec<Service> = started
+        .iter()
+        .filter(|s| s.name == "redis-cluster")
+        .cloned()
+        .collect();
+    let mut cluster_formed = true;
+    if !cluster.is_empty() {
+        if let Err(e) = form_cluster(&cluster) {
+            failures.push(format!("redis-cluster: {e}"));
+            cluster_formed = false;
+        }
+    }
     let mut ready_ones = Vec::new();
     for s in &started {
+        if s.name == "redis-cluster" && !cluster_formed {
+            continue;
+        }
         match wait_ready(s) {
             Ok(()) => {
                 eprintln!("xtask: {} ready at {} (pid {})", s.name, s.url, s.pid);
