@@ -21,7 +21,7 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Which server a handle is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// `redis-server`
+    /// `redis-server` (single servers, and the nodes of a Redis Cluster)
     Redis,
     /// `etcd`
     Etcd,
@@ -611,7 +611,9 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
-/// A cluster: a 3-node etcd cluster or ZooKeeper ensemble (or an external one).
+/// A cluster: an etcd cluster, a ZooKeeper ensemble or a Redis Cluster (kind
+/// [`Kind::Redis`]; its helpers are in the crate docs' "Redis Cluster" section), or an
+/// external one.
 #[derive(Debug)]
 pub struct Cluster {
     kind: Kind,

@@ -35,6 +35,14 @@ fn routed(first: SocketAddr, args: &[&str]) -> (Resp, usize) {
     panic!("too many redirections for {args:?}");
 }
 
+/// Polls `cond` until it holds, failing after 20 s.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+    }
+}
+
 #[test]
 fn shared_redis_cluster_forms_and_serves_through_redirections() {
     let c = latchkey_testkit::redis_cluster();
@@ -209,4 +217,77 @@ fn a_cluster_without_masters_or_with_tls_is_refused() {
         ..Default::default()
     };
     assert!(latchkey_testkit::spawn_redis_cluster(3, 0, tls).is_err());
+}
+
+#[test]
+fn migrate_slot_works_while_a_workload_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let c = latchkey_testkit::spawn_redis_cluster(3, 0, RedisOptions::default()).unwrap();
+    let slot = probe::redis_key_slot(b"{load}");
+    let from = c.master_of_slot(slot).unwrap();
+    let to = (from + 1) % 3;
+    let keys: Vec<String> = (0..300).map(|n| format!("{{load}}-{n}")).collect();
+    let mut src = conn(c.members()[from].addr().unwrap());
+    for k in &keys {
+        assert_eq!(
+            src.query(&["SET", k, "0"]).unwrap(),
+            Resp::Simple("OK".into())
+        );
+    }
+    // Two clients increment the slot's keys (following MOVED/ASK) during the move.
+    let stop = Arc::new(AtomicBool::new(false));
+    let entry = c.members()[from].addr().unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let (stop, keys) = (stop.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let mut done = vec![0i64; keys.len()];
+                let mut n = w;
+                while !stop.load(Ordering::SeqCst) {
+                    let i = n % keys.len();
+                    match routed(entry, &["INCR", &keys[i]]) {
+                        (Resp::Int(_), _) => done[i] += 1,
+                        (v, _) => panic!("INCR {}: {v:?}", keys[i]),
+                    }
+                    n += 7;
+                }
+                done
+            })
+        })
+        .collect();
+    // Let the workload get going before the move starts (a condition, not a sleep).
+    let mut watch = conn(c.members()[from].addr().unwrap());
+    until("the workload starts", || {
+        watch.query(&["GET", &keys[0]]).unwrap() != Resp::Bulk(Some(b"0".to_vec()))
+    });
+    assert_eq!(c.migrate_slot(slot, from, to).unwrap(), keys.len());
+    c.wait_cluster_ok().unwrap();
+    // And some work after the move, served by the new owner.
+    let after = conn(c.members()[to].addr().unwrap())
+        .query(&["GET", &keys[1]])
+        .unwrap();
+    let mut dst = conn(c.members()[to].addr().unwrap());
+    until("the workload reaches the new owner", || {
+        dst.query(&["GET", &keys[1]]).unwrap() != after
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut expected = vec![0i64; keys.len()];
+    for w in workers {
+        for (i, d) in w.join().unwrap().into_iter().enumerate() {
+            expected[i] += d;
+        }
+    }
+    assert_eq!(c.master_of_slot(slot).unwrap(), to);
+    for (k, want) in keys.iter().zip(&expected) {
+        // No increment lost or doubled by the move.
+        assert_eq!(
+            dst.query(&["GET", k]).unwrap(),
+            Resp::Bulk(Some(want.to_string().into_bytes())),
+            "{k}"
+        );
+    }
+    // The workload ran before the move (keys[0] changed) and after it (keys[1]
+    // changed on the new owner), so it spanned the move.
+    assert!(expected[0] > 0 && expected[1] > 0);
 }
