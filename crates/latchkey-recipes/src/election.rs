@@ -17,7 +17,9 @@
 //! - A leader that dies is replaced when its lock expires: within the TTL
 //!   plus the backend's TTL granularity.
 
-use crate::util::{delete_if_value, txn_fenced_delete};
+use crate::util::{
+    delete_if_value, lock_lost, publish_owned_record, txn_fenced_delete, txn_fenced_put,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -132,25 +134,18 @@ impl Election {
         let term = guard.fencing_token();
         let record = encode(term, &value);
         let key_ttl = self.backend.capabilities().native_ttl.then_some(self.ttl);
-        // Cancelled between here and the return: the guard is dropped (the
-        // lock released); this removes the record if it is still ours.
-        let cleanup = latchkey_core::CancelOnDrop::new(delete_if_value(
-            self.backend.clone(),
-            self.key.clone(),
+        // Cancelled while publishing, the guard is dropped (the lock
+        // released) and the record removed if it is still ours.
+        publish_owned_record(
+            &self.backend,
+            &guard,
+            &self.name,
+            &self.key,
             record.clone(),
-        ));
-        let out = self
-            .backend
-            .txn(publish(&guard, &self.key, record.clone(), key_ttl))
-            .await?;
-        if !out.succeeded {
-            cleanup.disarm();
-            let _ = guard.release().await;
-            return Err(Error::LockLost {
-                name: self.name.clone(),
-            });
-        }
-        cleanup.disarm();
+            key_ttl,
+        )
+        .await?
+        .disarm();
         let record = Arc::new(AsyncMutex::new(record));
         let keepalive = key_ttl.map(|ttl| {
             let (backend, key, record, entry) = (
@@ -216,15 +211,6 @@ impl Election {
         };
         Ok(futures::stream::unfold(st, next_observation).boxed())
     }
-}
-
-fn publish(guard: &LockGuard, key: &str, record: Bytes, ttl: Option<Duration>) -> TxnRequest {
-    TxnRequest::new()
-        .when([Compare::held(guard)])
-        .then([match ttl {
-            Some(t) => Op::put_with_ttl(key, record, t),
-            None => Op::put(key, record),
-        }])
 }
 
 /// Opens the watch first, then reads, so no change between the two is missed.
@@ -394,7 +380,7 @@ impl Leadership {
         let mut cur = self.record.lock().await;
         let out = self
             .backend
-            .txn(publish(
+            .txn(txn_fenced_put(
                 self.guard(),
                 &self.key,
                 record.clone(),
@@ -402,9 +388,7 @@ impl Leadership {
             ))
             .await?;
         if !out.succeeded {
-            return Err(Error::LockLost {
-                name: self.name.clone(),
-            });
+            return Err(lock_lost(&self.name));
         }
         *cur = record;
         Ok(())

@@ -26,12 +26,15 @@
 //! paused past its TTL may be overtaken by a writer). The write guard's
 //! writes should be fenced with [`WriteGuard::fence`].
 
-use crate::util::{delete_if_value, txn_delete_if_value, txn_fenced_delete, unique_id};
+use crate::util::{
+    delete_if_value, lock_lost, publish_owned_record, txn_delete_if_value, txn_fenced_delete,
+    unique_id,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
-    validate, with_wait, Backend, CancelOnDrop, Compare, Error, LockEntry, LockGuard, LockOptions,
-    Op, Result, TxnRequest, WatchStream,
+    validate, with_wait, Backend, CancelOnDrop, Compare, LockEntry, LockGuard, LockOptions, Op,
+    Result, TxnRequest, WatchStream,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,18 +170,14 @@ impl RwLock {
                 .await?;
             if out.succeeded {
                 cleanup.disarm();
+                let unregister = txn_delete_if_value(&key, value);
                 return Ok(ReadGuard {
-                    guard: Some(guard),
-                    backend: self.backend.clone(),
-                    key,
-                    value,
+                    reg: Registration::new(guard, self.backend.clone(), key, unregister),
                 });
             }
             cleanup.disarm();
             if guard.is_lost() {
-                return Err(Error::LockLost {
-                    name: self.name.clone(),
-                });
+                return Err(lock_lost(&self.name));
             }
             // A writer claims the lock: if its lease is dead, clear it;
             // else wait for a change of the claim (or the re-check bound).
@@ -191,9 +190,7 @@ impl RwLock {
                 }
                 _ => {
                     let _ = tokio::time::timeout(self.recheck(), guard.lost()).await;
-                    return Err(Error::LockLost {
-                        name: self.name.clone(),
-                    });
+                    return Err(lock_lost(&self.name));
                 }
             }
             wait_change(&mut watch, &writer_key, self.recheck()).await?;
@@ -219,27 +216,16 @@ impl RwLock {
             .lock(&format!("{}/write", self.name), self.opts())
             .await?;
         let writer_key = self.writer_key();
-        let value = encode_entry(guard.entry());
-        let cleanup = CancelOnDrop::new(delete_if_value(
-            self.backend.clone(),
-            writer_key.clone(),
-            value.clone(),
-        ));
-        let out = self
-            .backend
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::held(&guard)])
-                    .then([Op::put(&writer_key, value.clone())]),
-            )
-            .await?;
-        if !out.succeeded {
-            cleanup.disarm();
-            let _ = guard.release().await;
-            return Err(Error::LockLost {
-                name: self.name.clone(),
-            });
-        }
+        // Dropped before the readers are gone: the claim is removed again.
+        let cleanup = publish_owned_record(
+            &self.backend,
+            &guard,
+            &self.name,
+            &writer_key,
+            encode_entry(guard.entry()),
+            None,
+        )
+        .await?;
         let prefix = self.readers_prefix();
         loop {
             let mut watch = self.backend.watch(&prefix, None).await?;
@@ -256,15 +242,14 @@ impl RwLock {
             tokio::select! {
                 r = wait_change(&mut watch, &prefix, self.recheck()) => r?,
                 _ = guard.lost() => {
-                    return Err(Error::LockLost { name: self.name.clone() });
+                    return Err(lock_lost(&self.name));
                 }
             }
         }
         cleanup.disarm();
+        let unregister = txn_fenced_delete(&guard, &writer_key);
         Ok(WriteGuard {
-            guard: Some(guard),
-            backend: self.backend.clone(),
-            key: writer_key,
+            reg: Registration::new(guard, self.backend.clone(), writer_key, unregister),
         })
     }
 }
@@ -289,48 +274,56 @@ async fn wait_change(watch: &mut WatchStream, prefix: &str, bound: Duration) -> 
     }
 }
 
-/// Shared access. Released by [`release`](Self::release) or on drop.
-pub struct ReadGuard {
+/// What a read or write guard holds: its lock, and the KV record that
+/// registers it (a reader's entry, the writer's claim) with the txn that
+/// removes that record. Release and drop both remove the record, then
+/// release the lock.
+struct Registration {
     guard: Option<LockGuard>,
     backend: Arc<dyn Backend>,
     key: String,
-    value: Bytes,
+    unregister: TxnRequest,
 }
 
-impl ReadGuard {
-    fn g(&self) -> &LockGuard {
-        self.guard.as_ref().expect("a read guard has its lease")
-    }
-    /// Completes when shared access can no longer be guaranteed (the
-    /// reader's lease was lost), or after release.
-    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.g().lost()
-    }
-    /// True once [`lost`](Self::lost) would complete at once.
-    pub fn is_lost(&self) -> bool {
-        self.g().is_lost()
-    }
-    /// Stops renewing without releasing, as a crashed reader would. For
-    /// tests and demos: a writer gets in after the TTL.
-    pub async fn abandon(&self) {
-        self.g().abandon().await
-    }
-    /// Gives up shared access (idempotent).
-    pub async fn release(&self) -> Result<()> {
-        if self.g().is_lost() {
-            return self.g().release().await;
+impl Registration {
+    fn new(
+        guard: LockGuard,
+        backend: Arc<dyn Backend>,
+        key: String,
+        unregister: TxnRequest,
+    ) -> Self {
+        Registration {
+            guard: Some(guard),
+            backend,
+            key,
+            unregister,
         }
-        let del = self
-            .backend
-            .txn(txn_delete_if_value(&self.key, self.value.clone()))
-            .await;
-        let rel = self.g().release().await;
-        del?;
-        rel
+    }
+
+    fn guard(&self) -> &LockGuard {
+        // Only Drop takes it.
+        self.guard
+            .as_ref()
+            .expect("a read or write guard has its lock until dropped")
+    }
+
+    /// Removes the record, then releases the lock (idempotent); the
+    /// removal's error wins. Once the lock is lost the record is left to
+    /// whoever waits on it, who clears a dead registration.
+    async fn release(&self) -> Result<()> {
+        let g = self.guard();
+        let unregistered = if g.is_lost() {
+            Ok(())
+        } else {
+            self.backend.txn(self.unregister.clone()).await.map(|_| ())
+        };
+        let released = g.release().await;
+        unregistered?;
+        released
     }
 }
 
-impl Drop for ReadGuard {
+impl Drop for Registration {
     fn drop(&mut self) {
         let Some(guard) = self.guard.take() else {
             return;
@@ -338,32 +331,58 @@ impl Drop for ReadGuard {
         if guard.is_lost() {
             return;
         }
-        let (backend, key, value) = (self.backend.clone(), self.key.clone(), self.value.clone());
+        let (backend, unregister) = (self.backend.clone(), std::mem::take(&mut self.unregister));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                delete_if_value(backend, key, value).await;
+                let _ = backend.txn(unregister).await;
                 let _ = guard.release().await;
             });
         }
     }
 }
 
+/// Shared access. Released by [`release`](Self::release) or on drop.
+pub struct ReadGuard {
+    reg: Registration,
+}
+
+impl ReadGuard {
+    /// Completes when shared access can no longer be guaranteed (the
+    /// reader's lease was lost), or after release.
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.reg.guard().lost()
+    }
+    /// True once [`lost`](Self::lost) would complete at once.
+    pub fn is_lost(&self) -> bool {
+        self.reg.guard().is_lost()
+    }
+    /// Stops renewing without releasing, as a crashed reader would. For
+    /// tests and demos: a writer gets in after the TTL.
+    pub async fn abandon(&self) {
+        self.reg.guard().abandon().await
+    }
+    /// Gives up shared access (idempotent).
+    pub async fn release(&self) -> Result<()> {
+        self.reg.release().await
+    }
+}
+
 impl std::fmt::Debug for ReadGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadGuard").field("key", &self.key).finish()
+        f.debug_struct("ReadGuard")
+            .field("key", &self.reg.key)
+            .finish()
     }
 }
 
 /// Exclusive access. Released by [`release`](Self::release) or on drop.
 pub struct WriteGuard {
-    guard: Option<LockGuard>,
-    backend: Arc<dyn Backend>,
-    key: String,
+    reg: Registration,
 }
 
 impl WriteGuard {
     fn g(&self) -> &LockGuard {
-        self.guard.as_ref().expect("a write guard has its lock")
+        self.reg.guard()
     }
     /// The fencing token: strictly increasing across writers.
     pub fn fencing_token(&self) -> u64 {
@@ -393,43 +412,14 @@ impl WriteGuard {
     /// Gives up exclusive access (idempotent): removes the claim, then
     /// releases the mutex.
     pub async fn release(&self) -> Result<()> {
-        let g = self.g();
-        let del = if g.is_lost() {
-            Ok(())
-        } else {
-            self.backend
-                .txn(txn_fenced_delete(g, &self.key))
-                .await
-                .map(|_| ())
-        };
-        let rel = g.release().await;
-        del?;
-        rel
-    }
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        if guard.is_lost() {
-            return;
-        }
-        let (backend, key) = (self.backend.clone(), self.key.clone());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = backend.txn(txn_fenced_delete(&guard, &key)).await;
-                let _ = guard.release().await;
-            });
-        }
+        self.reg.release().await
     }
 }
 
 impl std::fmt::Debug for WriteGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteGuard")
-            .field("key", &self.key)
+            .field("key", &self.reg.key)
             .finish()
     }
 }

@@ -4,7 +4,9 @@
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use latchkey_core::{Backend, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest};
+use latchkey_core::{
+    Backend, CancelOnDrop, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest,
+};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,6 +87,57 @@ pub(crate) fn txn_fenced_delete(guard: &LockGuard, key: &str) -> TxnRequest {
     TxnRequest::new()
         .when([Compare::held(guard)])
         .then([Op::delete(key)])
+}
+
+/// Puts `record` at `key` only while `guard` holds (a fenced write), with
+/// `ttl` where the key should expire with its writer.
+pub(crate) fn txn_fenced_put(
+    guard: &LockGuard,
+    key: &str,
+    record: Bytes,
+    ttl: Option<Duration>,
+) -> TxnRequest {
+    TxnRequest::new()
+        .when([Compare::held(guard)])
+        .then([match ttl {
+            Some(t) => Op::put_with_ttl(key, record, t),
+            None => Op::put(key, record),
+        }])
+}
+
+/// Writes the record a new holder of lock `name` keeps at `key`, fenced by
+/// its `guard`. Returns the armed cleanup that deletes the record again
+/// (if it is still this one) should the caller be dropped before it
+/// disarms it. If the fence fails, the lock was lost before the record
+/// was written: the guard is released and the error is
+/// [`Error::LockLost`].
+pub(crate) async fn publish_owned_record(
+    backend: &Arc<dyn Backend>,
+    guard: &LockGuard,
+    name: &str,
+    key: &str,
+    record: Bytes,
+    ttl: Option<Duration>,
+) -> Result<CancelOnDrop> {
+    let cleanup = CancelOnDrop::new(delete_if_value(
+        backend.clone(),
+        key.to_string(),
+        record.clone(),
+    ));
+    let out = backend.txn(txn_fenced_put(guard, key, record, ttl)).await?;
+    if !out.succeeded {
+        cleanup.disarm();
+        let _ = guard.release().await;
+        return Err(lock_lost(name));
+    }
+    Ok(cleanup)
+}
+
+/// [`Error::LockLost`] for the recipe's lock `name`.
+pub(crate) fn lock_lost(name: &str) -> Error {
+    Error::LockLost {
+        name: name.to_string(),
+    }
 }
 
 /// [`txn_delete_if_value`], best effort: for a cancelled waiter's or a
