@@ -1,5 +1,5 @@
-//! The shared conformance suite against a real 3-master Redis Cluster (see
-//! `common`: `LATCHKEY_TEST_REDIS_CLUSTER_URL`, or one assembled per run): every case
+//! The shared conformance suite against a real 3-master Redis Cluster (the
+//! testkit's shared one, or `LATCHKEY_TEST_REDIS_CLUSTER_URL`): every case
 //! gets a new handle in its own namespace, so the cases spread over the
 //! masters (a namespace is one hash slot).
 

@@ -1,13 +1,13 @@
-//! A Redis Cluster for the cluster tests: `LATCHKEY_TEST_REDIS_CLUSTER_URL`
-//! if set, else one 3-master cluster per test binary assembled here from
-//! testkit servers (`CLUSTER ADDSLOTSRANGE` + `CLUSTER MEET`, no
-//! `redis-cli`), with explicit bus ports.
+//! Redis Clusters for the cluster tests: the testkit's shared one
+//! ([`cluster_url`]), and private ones assembled here from testkit servers
+//! (`CLUSTER ADDSLOTSRANGE` + `CLUSTER MEET`, explicit bus ports) for the
+//! tests that kill nodes or need TLS or ACL users (the testkit's
+//! `spawn_redis_cluster` has no TLS).
 
 #![allow(dead_code)]
 
 use latchkey_testkit::{spawn_redis, RedisOptions, Server, TlsFiles};
 use std::net::TcpListener;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A cluster of testkit servers (killed when dropped).
@@ -213,13 +213,8 @@ impl OwnCluster {
     }
 }
 
-/// The cluster every test of the binary shares.
+/// The cluster every test of the binary shares: the testkit's shared
+/// 3-master cluster (or `LATCHKEY_TEST_REDIS_CLUSTER_URL`).
 pub fn cluster_url() -> String {
-    if let Ok(u) = std::env::var("LATCHKEY_TEST_REDIS_CLUSTER_URL") {
-        if !u.is_empty() {
-            return u;
-        }
-    }
-    static SHARED: OnceLock<OwnCluster> = OnceLock::new();
-    SHARED.get_or_init(|| OwnCluster::spawn(3, &[])).url()
+    latchkey_testkit::redis_cluster().url().to_string()
 }
