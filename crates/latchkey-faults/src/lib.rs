@@ -305,10 +305,7 @@ pub async fn run_once(
         _ => env,
     };
     let ttl = opts.ttl.unwrap_or_else(|| env.kind.ttl());
-    let cfg = Arc::new(RunCfg {
-        long_holds: scenario.max_added_rtt().is_some(),
-        ..RunCfg::new(ttl, opts.unfenced)
-    });
+    let cfg = Arc::new(RunCfg::new(ttl, opts.unfenced));
     let ns = latchkey_testkit::unique_namespace(&format!("faults-{seed}"));
     let local = ProxyGroup::start(&env.addrs())?;
     let childg = Arc::new(ProxyGroup::start(&env.addrs())?);

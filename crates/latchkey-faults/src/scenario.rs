@@ -272,7 +272,9 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
             set_latency(true);
             t.local.set_mode(mode);
             t.child.set_mode(mode);
+            t.shared.latency_on.store(true, Ordering::SeqCst);
             tokio::time::sleep(t.phase.max(t.ttl * 2)).await;
+            t.shared.latency_on.store(false, Ordering::SeqCst);
             t.local.set_mode(ProxyMode::Pass);
             t.child.set_mode(ProxyMode::Pass);
             set_latency(false);

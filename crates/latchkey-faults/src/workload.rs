@@ -34,11 +34,6 @@ pub struct RunCfg {
     pub lock_wait: Duration,
     /// Test-only: write the counter with a plain put instead of the fenced txn.
     pub unfenced: bool,
-    /// Every 4th holding of a counter client lasts [`RunCfg::long_hold`]
-    /// (slow-network: a holding that outlives its TTL survives only if its
-    /// renewals worked, so the spurious-loss check covers the renewal path,
-    /// not just the acquisition).
-    pub long_holds: bool,
 }
 
 impl RunCfg {
@@ -52,7 +47,6 @@ impl RunCfg {
             op_timeout: Duration::from_secs(4).max(ttl),
             lock_wait: ttl * 2 + Duration::from_secs(3),
             unfenced,
-            long_holds: false,
         }
     }
 
@@ -106,6 +100,12 @@ pub struct Shared {
     pub last_local_acquire: AtomicU64,
     /// A stale-holder episode the child driver should stage at its next hold.
     pub stale_request: Mutex<Option<Stale>>,
+    /// True while slow-network's latency is on. Then about every 4th
+    /// holding of a counter client lasts [`RunCfg::long_hold`]: a holding
+    /// that outlives its TTL survives only if its renewals worked, so the
+    /// spurious-loss check covers renewal under latency, not just the
+    /// acquisition. (Only then: the rest of the run keeps its throughput.)
+    pub latency_on: AtomicBool,
     /// True while the holder child is held stale (it holds the lock and the
     /// requested fault is applied), so a scenario can add its own fault then.
     pub stale_active: AtomicBool,
@@ -228,7 +228,7 @@ pub async fn counter_client(url: String, cfg: Arc<RunCfg>, shared: Arc<Shared>, 
             },
             _ => None,
         };
-        if cfg.long_holds && rng.random_range(0..4) == 0 {
+        if shared.latency_on.load(Ordering::SeqCst) && rng.random_range(0..4) == 0 {
             hold_for(cfg.long_hold(), &shared).await;
         }
         let mut write = None;
@@ -537,7 +537,8 @@ impl ChildDriver {
     pub fn run(mut self, cfg: &RunCfg, shared: &Shared, proxies: &ProxyGroup) {
         let client = shared.client_id();
         let long = cfg.lock_wait + cfg.op_timeout * 2;
-        let mut holdings = 0u64;
+        // Holdings during the latency (the 1st, 5th, 9th … is a long one).
+        let mut holdings = 3u64;
         while !shared.stopped() {
             shared.with(|h| h.ops += 1);
             let (token, acquired) = match self.ask("lock", long) {
@@ -564,8 +565,10 @@ impl ChildDriver {
                 self.release(cfg, shared, client, token, acquired, None, false);
                 continue;
             };
-            holdings += 1;
-            if cfg.long_holds && holdings.is_multiple_of(4) {
+            if shared.latency_on.load(Ordering::SeqCst) {
+                holdings += 1;
+            }
+            if shared.latency_on.load(Ordering::SeqCst) && holdings.is_multiple_of(4) {
                 let end = Instant::now() + cfg.long_hold();
                 while !shared.stopped() && Instant::now() < end {
                     std::thread::sleep(Duration::from_millis(20));
