@@ -18,6 +18,17 @@ fn h(lock: &str, client: usize, token: u64, acquired: u64, released: u64) -> Hol
     }
 }
 
+/// Fails (showing what the checker said) unless `check_exclusion` rejects
+/// the history with a violation matching the pattern.
+macro_rules! assert_rejects {
+    ($hist:expr, $violation:pat) => {
+        match check_exclusion($hist) {
+            Err($violation) => {}
+            other => panic!("expected {}, got {other:?}", stringify!($violation)),
+        }
+    };
+}
+
 #[test]
 fn exclusion_accepts_disjoint_increasing() {
     let hist = vec![
@@ -60,24 +71,15 @@ fn exclusion_rejects_overlap_with_a_long_earlier_holding() {
         h("x", 1, 2, 10, 20),
         h("x", 2, 3, 30, 40),
     ];
-    assert!(matches!(
-        check_exclusion(&hist),
-        Err(ExclusionViolation::Overlap { .. })
-    ));
+    assert_rejects!(&hist, ExclusionViolation::Overlap { .. });
     let hist = vec![h("x", 0, 1, 0, 100), h("x", 2, 3, 99, 120)];
-    assert!(matches!(
-        check_exclusion(&hist),
-        Err(ExclusionViolation::Overlap { .. })
-    ));
+    assert_rejects!(&hist, ExclusionViolation::Overlap { .. });
 }
 
 #[test]
 fn exclusion_rejects_repeated_or_decreasing_tokens() {
     let same = vec![h("x", 0, 4, 0, 10), h("x", 1, 4, 11, 20)];
-    assert!(matches!(
-        check_exclusion(&same),
-        Err(ExclusionViolation::TokenNotIncreasing { .. })
-    ));
+    assert_rejects!(&same, ExclusionViolation::TokenNotIncreasing { .. });
     let down = vec![h("x", 0, 9, 0, 10), h("x", 1, 3, 11, 20)];
     match check_exclusion(&down) {
         Err(v @ ExclusionViolation::TokenNotIncreasing { .. }) => {
@@ -95,10 +97,7 @@ fn exclusion_rejects_repeated_or_decreasing_tokens() {
 
 #[test]
 fn exclusion_rejects_malformed() {
-    assert!(matches!(
-        check_exclusion(&[h("x", 0, 1, 10, 5)]),
-        Err(ExclusionViolation::Malformed(_))
-    ));
+    assert_rejects!(&[h("x", 0, 1, 10, 5)], ExclusionViolation::Malformed(_));
 }
 
 // --- linearizability -------------------------------------------------------
@@ -119,6 +118,13 @@ fn op(key: &str, client: usize, input: KvInput, call: u64, out: KvOutput, ret: u
     KvOperation {
         key: key.into(),
         op: Operation::completed(client, input, call, out, ret),
+    }
+}
+/// A write by `client` called at `call` whose outcome is unknown (no return).
+fn indeterminate(key: &str, client: usize, input: KvInput, call: u64) -> KvOperation {
+    KvOperation {
+        key: key.into(),
+        op: Operation::indeterminate(client, input, call),
     }
 }
 fn put(x: &str) -> KvInput {
@@ -222,20 +228,14 @@ fn indeterminate_write_may_or_may_not_take_effect() {
     // Seen later: it took effect (after its call), its revision learned from the read.
     let seen = vec![
         op("k", 0, put("a"), 0, KvOutput::Written(1), 1),
-        KvOperation {
-            key: "k".into(),
-            op: Operation::indeterminate(1, put("x"), 2),
-        },
+        indeterminate("k", 1, put("x"), 2),
         op("k", 2, KvInput::Get, 5, got("x", 9), 6),
         op("k", 2, cas(9, "y"), 7, KvOutput::Written(10), 8),
     ];
     assert_eq!(check_kv(&seen), Verdict::Linearizable);
     // Never seen: it never took effect.
     let unseen = vec![
-        KvOperation {
-            key: "k".into(),
-            op: Operation::indeterminate(1, put("x"), 0),
-        },
+        indeterminate("k", 1, put("x"), 0),
         op("k", 0, put("a"), 2, KvOutput::Written(3), 3),
         op("k", 2, KvInput::Get, 5, got("a", 3), 6),
     ];
@@ -243,10 +243,7 @@ fn indeterminate_write_may_or_may_not_take_effect() {
     // But it cannot take effect before it was called.
     let early = vec![
         op("k", 2, KvInput::Get, 0, got("x", 1), 1),
-        KvOperation {
-            key: "k".into(),
-            op: Operation::indeterminate(1, put("x"), 5),
-        },
+        indeterminate("k", 1, put("x"), 5),
     ];
     assert_violation(check_kv(&early));
 }
