@@ -3,6 +3,7 @@
 //! promoted when its master dies, `migrate_slot` moves a slot with its keys, and
 //! dropping a cluster leaves no process behind.
 
+use latchkey_testkit::child::{self, ChildProcess};
 use latchkey_testkit::probe::{self, RedisConn, Resp};
 use latchkey_testkit::{Kind, RedisOptions, SLOTS};
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
         assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        // Polling a condition with a deadline (not a sleep used as synchronisation).
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -290,4 +293,125 @@ fn migrate_slot_works_while_a_workload_runs() {
     // The workload ran before the move (keys[0] changed) and after it (keys[1]
     // changed on the new owner), so it spanned the move.
     assert!(expected[0] > 0 && expected[1] > 0);
+}
+
+// ------------------------------------------------------------ process hygiene
+
+/// PIDs whose command line contains `pattern` (`pgrep -f`).
+fn pgrep(pattern: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// Child body: starts the shared cluster (a static, never dropped), reports its
+/// root dir, then exits or waits to be killed, as told.
+#[test]
+fn role_shared_cluster_then_exit() {
+    if !child::is_child() {
+        return;
+    }
+    let c = latchkey_testkit::redis_cluster();
+    let root = c.members()[0].data_dir().unwrap().parent().unwrap();
+    child::send(&format!("root {}", root.display()));
+    match child::recv().as_deref() {
+        Some("exit") => {}
+        _ => loop {
+            std::thread::park();
+        },
+    }
+}
+
+fn cluster_dies_with_its_test_binary(how: &str) {
+    let mut c = ChildProcess::spawn_test("role_shared_cluster_then_exit", &[]).unwrap();
+    let line = c.recv(Duration::from_secs(60)).unwrap();
+    let root = line.strip_prefix("root ").unwrap().to_string();
+    assert!(root.contains("/latchkey-"), "{root}");
+    assert_eq!(pgrep(&root).len(), 3, "three nodes run under {root}");
+    match how {
+        "kill" => c.kill().unwrap(),
+        _ => {
+            c.send("exit").unwrap();
+            c.wait(Duration::from_secs(30)).unwrap();
+        }
+    }
+    until("the nodes exit with their test binary", || {
+        pgrep(&root).is_empty()
+    });
+    if how == "kill" {
+        let _ = std::fs::remove_dir_all(&root);
+    } else {
+        assert!(!std::path::Path::new(&root).exists(), "{root} left behind");
+    }
+}
+
+#[test]
+fn no_cluster_node_survives_its_test_binary() {
+    cluster_dies_with_its_test_binary("exit");
+    cluster_dies_with_its_test_binary("kill");
+}
+
+/// Child body: the environment variable replaces spawning; helpers refuse.
+#[test]
+fn role_external_cluster() {
+    if !child::is_child() {
+        return;
+    }
+    let c = latchkey_testkit::redis_cluster();
+    assert_eq!(c.url(), "redis+cluster://a:1,b:2");
+    assert!(c.is_external());
+    assert!(matches!(
+        c.master_of_slot(0),
+        Err(latchkey_testkit::Error::External(_))
+    ));
+    assert!(matches!(
+        c.migrate_slot(0, 0, 1),
+        Err(latchkey_testkit::Error::External(_))
+    ));
+    child::send("ok");
+}
+
+#[test]
+fn the_env_url_replaces_the_shared_cluster() {
+    let mut c = ChildProcess::spawn_test(
+        "role_external_cluster",
+        &[("LATCHKEY_TEST_REDIS_CLUSTER_URL", "redis+cluster://a:1,b:2")],
+    )
+    .unwrap();
+    c.expect("ok", Duration::from_secs(30)).unwrap();
+    assert!(c.wait(Duration::from_secs(30)).unwrap().success());
+}
+
+/// Child body: without redis-server the shared cluster is an error, fatal with CI=true.
+#[test]
+fn role_missing_cluster() {
+    if !child::is_child() {
+        return;
+    }
+    if latchkey_testkit::is_ci() {
+        let _ = latchkey_testkit::try_redis_cluster(); // must panic
+        child::send("did-not-panic");
+    } else {
+        let e = latchkey_testkit::try_redis_cluster().unwrap_err();
+        assert!(e.contains("apt-get install -y redis-server"), "{e}");
+        child::send("soft-error");
+    }
+}
+
+#[test]
+fn a_missing_cluster_is_fatal_in_ci() {
+    let missing = ("LATCHKEY_REDIS_SERVER", "/nonexistent/redis-server");
+    let mut c =
+        ChildProcess::spawn_test("role_missing_cluster", &[missing, ("CI", "false")]).unwrap();
+    c.expect("soft-error", Duration::from_secs(30)).unwrap();
+    assert!(c.wait(Duration::from_secs(30)).unwrap().success());
+    let mut c =
+        ChildProcess::spawn_test("role_missing_cluster", &[missing, ("CI", "true")]).unwrap();
+    assert!(c.recv(Duration::from_secs(30)).is_err(), "expected a panic");
+    assert!(!c.wait(Duration::from_secs(30)).unwrap().success());
 }
