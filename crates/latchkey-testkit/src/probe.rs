@@ -389,3 +389,49 @@ pub fn redis_key_slot(key: &[u8]) -> u16 {
     }
     crc % 16384
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_whole_resp_replies_and_waits_for_incomplete_ones() {
+        let full = b"*3\r\n$3\r\nabc\r\n*2\r\n:7\r\n$-1\r\n-ERR no\r\n+OK\r\n";
+        let (v, used) = parse_resp(full).unwrap().unwrap();
+        assert_eq!(
+            v,
+            Resp::Array(Some(vec![
+                Resp::Bulk(Some(b"abc".to_vec())),
+                Resp::Array(Some(vec![Resp::Int(7), Resp::Bulk(None)])),
+                Resp::Error("ERR no".into()),
+            ]))
+        );
+        assert_eq!(&full[used..], b"+OK\r\n");
+        for cut in 0..used {
+            assert!(parse_resp(&full[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+        // Binary payloads with CRLF inside.
+        let (v, _) = parse_resp(b"$4\r\n\r\n\r\n\r\n").unwrap().unwrap();
+        assert_eq!(v, Resp::Bulk(Some(b"\r\n\r\n".to_vec())));
+        assert_eq!(
+            parse_resp(b"*-1\r\n").unwrap().unwrap().0,
+            Resp::Array(None)
+        );
+        assert!(parse_resp(b"?x\r\n").is_err());
+    }
+
+    #[test]
+    fn key_slots_follow_the_cluster_spec() {
+        // Values from the Redis Cluster specification / CLUSTER KEYSLOT.
+        assert_eq!(redis_key_slot(b"foo"), 12182);
+        assert_eq!(redis_key_slot(b"somekey"), 11058);
+        assert_eq!(
+            redis_key_slot(b"{user1000}.following"),
+            redis_key_slot(b"user1000")
+        );
+        // An empty tag does not count: the whole key is hashed.
+        assert_ne!(redis_key_slot(b"{}a"), redis_key_slot(b"{}b"));
+        // Only the first `{…}` counts.
+        assert_eq!(redis_key_slot(b"foo{{bar}}zap"), redis_key_slot(b"{bar"));
+    }
+}
