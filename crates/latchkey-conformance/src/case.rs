@@ -348,6 +348,13 @@ pub(crate) async fn value_of(h: &dyn KvStore, key: &str) -> Result<Option<Bytes>
         .map(|kv| kv.value))
 }
 
+/// Fails unless `key` holds `want`; the failure names `what` and shows the
+/// value found (`None` if the key is missing).
+pub(crate) async fn expect_value(h: &dyn KvStore, key: &str, want: &str, what: &str) -> CaseResult {
+    ensure_eq!(value_of(h, key).await?, Some(b(want)), "{what}");
+    Ok(())
+}
+
 /// Fails unless `result` is `Err(Conflict)` whose `current` is
 /// `want_current`; the failure names `what`, the expected `current` and
 /// what came instead. Returns the conflict's key.
@@ -482,5 +489,27 @@ mod tests {
             msg.contains("current: None") && msg.contains("Ok(3)"),
             "{msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn expect_value_names_what_was_expected_and_found() {
+        let h = latchkey_mem::MemStore::new().handle("t").unwrap();
+        put_value(h.as_ref(), "k", "1").await.unwrap();
+        assert_eq!(expect_value(h.as_ref(), "k", "1", "k").await, Ok(()));
+        let Err(Fail(msg)) = expect_value(h.as_ref(), "k", "2", "the value after CAS").await else {
+            panic!("another value must fail");
+        };
+        assert_eq!(
+            msg,
+            format!(
+                "expected the value after CAS to be {:?}, got {:?}",
+                Some(b("2")),
+                Some(b("1"))
+            )
+        );
+        let Err(Fail(msg)) = expect_value(h.as_ref(), "none", "1", "a missing key").await else {
+            panic!("a missing key must fail");
+        };
+        assert!(msg.ends_with("got None"), "{msg}");
     }
 }

@@ -2,8 +2,8 @@
 //! guard's holding still exists.
 
 use crate::case::{
-    b, ensure, ensure_eq, fenced_put, parse_num, put_value, value_of, CaseResult, Cx, ErrCtx, Fail,
-    Joined,
+    b, ensure, ensure_eq, expect_value, fenced_put, parse_num, put_value, CaseResult, Cx, ErrCtx,
+    Fail, Joined,
 };
 use latchkey_core::{Compare, LockGuard, Op, OpResult, TxnRequest};
 
@@ -23,11 +23,7 @@ cases! {
             o.succeeded,
             "expected a fenced write with a held guard to commit"
         );
-        ensure_eq!(
-            value_of(h.as_ref(), "f").await?,
-            Some(b("1")),
-            "the fenced key"
-        );
+        expect_value(h.as_ref(), "f", "1", "the fenced key").await?;
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -78,11 +74,7 @@ cases! {
                 .succeeded,
             "expected the new holder's fenced write to commit"
         );
-        ensure_eq!(
-            value_of(c.as_ref(), "f").await?,
-            Some(b("new")),
-            "the fenced key"
-        );
+        expect_value(c.as_ref(), "f", "new", "the fenced key").await?;
         new.release().await.ctx("release")?;
         Ok(())
     }
@@ -158,11 +150,7 @@ cases! {
             h.txn(t("active")).await.ctx("txn")?.succeeded,
             "expected held ∧ value(state) = \"active\" to commit"
         );
-        ensure_eq!(
-            value_of(h.as_ref(), "state").await?,
-            Some(b("inactive")),
-            "state after the fenced write"
-        );
+        expect_value(h.as_ref(), "state", "inactive", "state after the fenced write").await?;
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -209,11 +197,13 @@ cases! {
             t.await
                 .joined("a worker")??;
         }
-        ensure_eq!(
-            value_of(hs[0].as_ref(), "counter").await?,
-            Some(b("40")),
-            "the counter after 4×10 fenced increments"
-        );
+        expect_value(
+            hs[0].as_ref(),
+            "counter",
+            "40",
+            "the counter after 4×10 fenced increments",
+        )
+        .await?;
         Ok(())
     }
 }

@@ -2,8 +2,8 @@
 //! namespaces, and a linearizability check of concurrent register ops.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, gates, parse_num, put_value,
-    value_of, CaseResult, Cx, ErrCtx, Fail, Joined,
+    all_keys, b, ensure, ensure_eq, expect_conflict, expect_err, expect_value, gates, parse_num,
+    put_value, value_of, CaseResult, Cx, ErrCtx, Fail, Joined,
 };
 use crate::checkers::{check_kv, Clock, KvInput, KvOperation, KvOutput, Operation, Verdict};
 use bytes::Bytes;
@@ -168,11 +168,7 @@ cases! {
             r2 > r1,
             "expected the CAS to return a revision > {r1}, got {r2}"
         );
-        ensure_eq!(
-            value_of(h.as_ref(), "c").await?,
-            Some(b("2")),
-            "the value after CAS"
-        );
+        expect_value(h.as_ref(), "c", "2", "the value after CAS").await?;
         Ok(())
     }
 
@@ -235,11 +231,13 @@ cases! {
             Some(r),
             "a second if_absent put",
         )?;
-        ensure_eq!(
-            value_of(a.as_ref(), "once").await?,
-            Some(b("first")),
-            "the value after the failed if_absent put"
-        );
+        expect_value(
+            a.as_ref(),
+            "once",
+            "first",
+            "the value after the failed if_absent put",
+        )
+        .await?;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! semantics, fencing tokens, release, renewal and expiry of abandoned leases.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, expect_err, fenced_put, put_value, value_of, CaseResult, Cx,
+    all_keys, ensure, ensure_eq, expect_err, expect_value, fenced_put, put_value, CaseResult, Cx,
     ErrCtx, Fail, Joined,
 };
 use crate::checkers::{check_exclusion, Clock, Holding};
@@ -443,11 +443,7 @@ cases! {
             ))
         })?;
         expect_successor(c.as_ref(), &old, &new, "expired").await?;
-        ensure_eq!(
-            value_of(c.as_ref(), "f").await?,
-            Some(b("new")),
-            "the fenced key"
-        );
+        expect_value(c.as_ref(), "f", "new", "the fenced key").await?;
         new.release().await.ctx("release")?;
         Ok(())
     }
@@ -662,11 +658,7 @@ cases! {
             vec!["k"],
             "keys listed while two locks are held"
         );
-        ensure_eq!(
-            value_of(h.as_ref(), "k").await?,
-            Some(b("mine")),
-            "the user key named like a held lock"
-        );
+        expect_value(h.as_ref(), "k", "mine", "the user key named like a held lock").await?;
         g1.release().await.ctx("release")?;
         g2.release().await.ctx("release")?;
         ensure_eq!(

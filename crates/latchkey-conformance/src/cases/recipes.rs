@@ -5,7 +5,7 @@
 //! exclusion checker and a generalised "at most N at once" checker.
 
 use crate::case::{
-    b, ensure, ensure_eq, expect_err, poll_until, put_value, value_of, CaseResult, Cx, ErrCtx,
+    b, ensure, ensure_eq, expect_err, expect_value, poll_until, put_value, CaseResult, Cx, ErrCtx,
     Fail, Joined,
 };
 use crate::checkers::{check_exclusion, Clock, Holding};
@@ -79,13 +79,10 @@ async fn join_all<T>(tasks: Vec<tokio::task::JoinHandle<Result<T, Fail>>>) -> Re
     let mut out = Vec::new();
     let mut first_err = None;
     for t in tasks {
-        match t.await {
-            Ok(Ok(v)) => out.push(v),
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
+        match t.await.joined("a task").and_then(|r| r) {
+            Ok(v) => out.push(v),
             Err(e) => {
-                first_err.get_or_insert(Fail(format!("a task panicked: {e}")));
+                first_err.get_or_insert(e);
             }
         }
     }
@@ -497,7 +494,7 @@ cases! {
             freed.release().await.ctx("release")?;
             let p = tokio::time::timeout(cx.wake_bound() * 2, &mut *t).await
                 .map_err(|_| Fail(format!("expected waiter {} (the longest waiting) to get the freed permit", i + 1)))?
-                .map_err(|e| Fail(format!("panicked: {e}")))??;
+                .joined(&format!("waiter {}", i + 1))??;
             held.insert(0, p);
             got.push(i + 1);
             ensure_eq!(order.lock().unwrap_or_else(|p| p.into_inner()).clone(), got, "the waiters served so far");
@@ -528,7 +525,7 @@ cases! {
         }
         let g = tokio::time::timeout(cx.wake_bound() * 2, writer).await
             .map_err(|_| Fail("expected the writer to get in once the readers released".into()))?
-            .map_err(|e| Fail(format!("panicked: {e}")))?.ctx("write")?;
+            .joined("the writer")?.ctx("write")?;
         g.release().await.ctx("release")?;
         Ok(())
     }
@@ -641,7 +638,7 @@ cases! {
         ensure!(g2.fencing_token() > g1.fencing_token(), "expected the second writer's token > {}, got {}", g1.fencing_token(), g2.fencing_token());
         ensure!(!a.txn(fenced(&g1, "stale")).await.ctx("stale fenced write")?.succeeded, "expected the released writer's fenced write to fail");
         ensure!(c.txn(fenced(&g2, "2")).await.ctx("fenced write")?.succeeded, "expected the current writer's fenced write to commit");
-        ensure_eq!(value_of(c.as_ref(), "data").await?, Some(b("2")), "the fenced key");
+        expect_value(c.as_ref(), "data", "2", "the fenced key").await?;
         g2.release().await.ctx("release")?;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! isolation under concurrency, and the op limit.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, expect_err, parse_num, put_value, value_of, CaseResult, Cx,
+    all_keys, b, ensure, ensure_eq, expect_err, expect_value, parse_num, put_value, CaseResult, Cx,
     ErrCtx, Fail, Joined,
 };
 use latchkey_core::{CmpOp, Compare, Error, Op, OpResult, Txn, TxnOutcome, TxnRequest};
@@ -87,21 +87,19 @@ cases! {
         };
         let o = h.txn(t("active")).await.ctx("txn value == active")?;
         ensure!(o.succeeded, "expected value(s) == \"active\" to hold");
-        ensure_eq!(
-            value_of(h.as_ref(), "branch").await?,
-            Some(b("then")),
-            "the key written by the then branch"
-        );
+        expect_value(h.as_ref(), "branch", "then", "the key written by the then branch").await?;
         let o = h.txn(t("inactive")).await.ctx("txn value == inactive")?;
         ensure!(
             !o.succeeded,
             "expected value(s) == \"inactive\" not to hold"
         );
-        ensure_eq!(
-            value_of(h.as_ref(), "branch").await?,
-            Some(b("otherwise")),
-            "the key written by the otherwise branch"
-        );
+        expect_value(
+            h.as_ref(),
+            "branch",
+            "otherwise",
+            "the key written by the otherwise branch",
+        )
+        .await?;
         Ok(())
     }
 
@@ -275,18 +273,19 @@ cases! {
     async fn all_compares(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let r = put_value(h.as_ref(), "a", "1").await?;
-        let then: Vec<Op> = (0..5).map(|i| Op::put(format!("w{i}"), "x")).collect();
+        // Three compares on a that hold, and `last`.
+        let t = |last: Compare| {
+            TxnRequest::new()
+                .when([
+                    Compare::exists("a"),
+                    Compare::value("a", "1"),
+                    Compare::revision("a", CmpOp::Equal, r),
+                    last,
+                ])
+                .then((0..5).map(|i| Op::put(format!("w{i}"), "x")))
+        };
         let o = h
-            .txn(
-                TxnRequest::new()
-                    .when([
-                        Compare::exists("a"),
-                        Compare::value("a", "1"),
-                        Compare::revision("a", CmpOp::Equal, r),
-                        Compare::exists("b"),
-                    ])
-                    .then(then.clone()),
-            )
+            .txn(t(Compare::exists("b")))
             .await
             .ctx("txn with one false compare")?;
         ensure!(
@@ -299,16 +298,7 @@ cases! {
             "keys after a failed txn (nothing of then may be written)"
         );
         let o = h
-            .txn(
-                TxnRequest::new()
-                    .when([
-                        Compare::exists("a"),
-                        Compare::value("a", "1"),
-                        Compare::revision("a", CmpOp::Equal, r),
-                        Compare::absent("b"),
-                    ])
-                    .then(then),
-            )
+            .txn(t(Compare::absent("b")))
             .await
             .ctx("txn with all compares true")?;
         ensure!(
@@ -415,11 +405,13 @@ cases! {
                 .joined("a task")?
                 .ctx("an increment task")?;
         }
-        ensure_eq!(
-            value_of(handles[0].as_ref(), "n").await?,
-            Some(b("400")),
-            "the counter after 8×50 txn increments"
-        );
+        expect_value(
+            handles[0].as_ref(),
+            "n",
+            "400",
+            "the counter after 8×50 txn increments",
+        )
+        .await?;
         Ok(())
     }
 
