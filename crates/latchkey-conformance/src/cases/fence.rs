@@ -197,13 +197,8 @@ cases! {
             t.await
                 .joined("a worker")??;
         }
-        expect_value(
-            hs[0].as_ref(),
-            "counter",
-            "40",
-            "the counter after 4×10 fenced increments",
-        )
-        .await?;
+        expect_value(hs[0].as_ref(), "counter", "40", "the counter after 4×10 fenced increments")
+            .await?;
         Ok(())
     }
 }

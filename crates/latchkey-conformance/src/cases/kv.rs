@@ -231,13 +231,8 @@ cases! {
             Some(r),
             "a second if_absent put",
         )?;
-        expect_value(
-            a.as_ref(),
-            "once",
-            "first",
-            "the value after the failed if_absent put",
-        )
-        .await?;
+        expect_value(a.as_ref(), "once", "first", "the value after the failed if_absent put")
+            .await?;
         Ok(())
     }
 

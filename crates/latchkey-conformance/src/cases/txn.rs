@@ -93,13 +93,8 @@ cases! {
             !o.succeeded,
             "expected value(s) == \"inactive\" not to hold"
         );
-        expect_value(
-            h.as_ref(),
-            "branch",
-            "otherwise",
-            "the key written by the otherwise branch",
-        )
-        .await?;
+        expect_value(h.as_ref(), "branch", "otherwise", "the key written by the otherwise branch")
+            .await?;
         Ok(())
     }
 
@@ -405,13 +400,8 @@ cases! {
                 .joined("a task")?
                 .ctx("an increment task")?;
         }
-        expect_value(
-            handles[0].as_ref(),
-            "n",
-            "400",
-            "the counter after 8×50 txn increments",
-        )
-        .await?;
+        expect_value(handles[0].as_ref(), "n", "400", "the counter after 8×50 txn increments")
+            .await?;
         Ok(())
     }
 
