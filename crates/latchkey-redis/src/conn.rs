@@ -8,7 +8,6 @@ use latchkey_core::{BackendUrl, Error, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     RedisConnectionInfo, RedisError, RedisFuture, RedisResult, Value,
@@ -166,12 +165,10 @@ impl Target {
                     } else {
                         &c.blocking
                     };
-                    client.get_async_connection().await.map(|con| {
-                        Connection::Cluster(Box::new(ClusterScripts {
-                            con,
-                            last_key: None,
-                        }))
-                    })
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(|con| Connection::Cluster(Box::new(ClusterScripts { con })))
                 }
             }
         };
@@ -199,15 +196,21 @@ pub(crate) enum Connection {
     Cluster(Box<ClusterScripts>),
 }
 
-/// A cluster connection that remembers the first key of the last script it
-/// ran, so that the `SCRIPT LOAD` which `redis::Script` sends after
-/// `NOSCRIPT` goes to the master of that key's slot. (The library sends
-/// `SCRIPT LOAD` to every node, which fails while any node is down, and
-/// then the script could not run anywhere.)
+/// A cluster connection that runs a script the slot's master does not know
+/// (`NOSCRIPT`: after a failover, a restart, a migration to a node that
+/// never ran it) with `EVAL` of its source, routed by the same key as the
+/// `EVALSHA`, so it loads and runs on the one node that owns the slot.
+///
+/// `redis::Script` would answer `NOSCRIPT` with `SCRIPT LOAD` and
+/// `EVALSHA` again: a cluster connection sends a keyless `SCRIPT LOAD` to
+/// every node (failing while any node is down), and even routed by the
+/// script's key it can land elsewhere than the `EVALSHA`: while the
+/// library's slot map names a master it has no connection to (a failover
+/// in progress), each command goes to a random node, so the script was
+/// loaded on one node and `NOSCRIPT` came back from another.
 #[derive(Clone)]
 pub(crate) struct ClusterScripts {
     con: ClusterConnection,
-    last_key: Option<Vec<u8>>,
 }
 
 fn simple_args(cmd: &redis::Cmd) -> Vec<&[u8]> {
@@ -219,23 +222,42 @@ fn simple_args(cmd: &redis::Cmd) -> Vec<&[u8]> {
         .collect()
 }
 
+/// Whether a reply is `NOSCRIPT`: the library returns a server's error
+/// reply as an `Ok` value (turned into an error only when it is converted),
+/// or as an error.
+fn is_noscript(reply: &RedisResult<Value>) -> bool {
+    match reply {
+        Ok(Value::ServerError(e)) => e.kind() == Some(redis::ServerErrorKind::NoScript),
+        Ok(_) => false,
+        Err(e) => e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
+    }
+}
+
 impl ClusterScripts {
     fn command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         let args = simple_args(cmd);
-        let is = |n: usize, word: &[u8]| args.get(n).is_some_and(|a| a.eq_ignore_ascii_case(word));
-        if (is(0, b"EVALSHA") || is(0, b"EVAL")) && args.len() > 3 && args[2] != b"0" {
-            // EVALSHA <sha> <numkeys> <key1> …
-            self.last_key = Some(args[3].to_vec());
-        } else if is(0, b"SCRIPT") && is(1, b"LOAD") {
-            if let Some(key) = &self.last_key {
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_key(key, SlotAddr::Master),
-                ));
-                let cmd = cmd.clone();
-                return Box::pin(async move { self.con.route_command(cmd, route).await });
+        let source = match args.as_slice() {
+            // EVALSHA <sha> <numkeys> <key>…
+            [word, sha, _numkeys, ..] if word.eq_ignore_ascii_case(b"EVALSHA") => {
+                crate::scripts::scripts().source(sha)
             }
-        }
-        self.con.req_packed_command(cmd)
+            _ => None,
+        };
+        let Some(source) = source else {
+            return self.con.req_packed_command(cmd);
+        };
+        Box::pin(async move {
+            let reply = self.con.req_packed_command(cmd).await;
+            if !is_noscript(&reply) {
+                return reply;
+            }
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(source);
+            for a in &args[2..] {
+                eval.arg(*a);
+            }
+            self.con.req_packed_command(&eval).await
+        })
     }
 }
 

@@ -176,7 +176,9 @@
 //!   write is [`Error::Indeterminate`](latchkey_core::Error::Indeterminate)
 //!   as on one server. A script a node does not know (`NOSCRIPT`, after a
 //!   failover, a restart or a migration to a node that never ran it) is
-//!   loaded on the master of its slot, and run again.
+//!   sent again as `EVAL` of its source, routed like the `EVALSHA`, so it
+//!   loads and runs on the master of its slot (never on a node that merely
+//!   answered while the slot map was stale).
 //! - **Watches** each get a cluster connection of their own (one
 //!   connection per master), without reply timeout, which sends the
 //!   blocking `XREAD` to the master of the slot and follows the slot after

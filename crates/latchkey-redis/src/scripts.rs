@@ -2,8 +2,9 @@
 //! revision bump, the value, the key index and the change stream change
 //! together, atomically. Loaded once per server and called by SHA
 //! (`EVALSHA`); `redis::Script` reloads a script the server forgot
-//! (`NOSCRIPT` after a restart or `SCRIPT FLUSH`); on a cluster the reload
-//! goes to the master of the script's slot (see `conn::ClusterScripts`).
+//! (`NOSCRIPT` after a restart or `SCRIPT FLUSH`); on a cluster a
+//! `NOSCRIPT` is answered by `EVAL` of the source, routed like the
+//! `EVALSHA` (see `conn::ClusterScripts`).
 //!
 //! Numbers: Lua numbers are doubles, and Redis turns a Lua number into a
 //! string with `%.14g`. Revisions are therefore formatted with
@@ -11,6 +12,7 @@
 //! numbers only below 2^53.
 
 use redis::Script;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// Helpers shared by the write scripts. `KEYS[1]` is the revision counter,
@@ -356,20 +358,53 @@ pub(crate) struct Scripts {
     pub release: Script,
     pub leave: Script,
     pub renew: Script,
+    /// Source of each script by SHA1, for `EVAL` after `NOSCRIPT` on a
+    /// cluster (see `conn::ClusterScripts`).
+    sources: HashMap<String, String>,
+}
+
+impl Scripts {
+    /// The source of the script whose SHA1 (hex) is `sha`.
+    pub(crate) fn source(&self, sha: &[u8]) -> Option<&str> {
+        let sha = std::str::from_utf8(sha).ok()?.to_ascii_lowercase();
+        self.sources.get(&sha).map(String::as_str)
+    }
 }
 
 pub(crate) fn scripts() -> &'static Scripts {
     static S: OnceLock<Scripts> = OnceLock::new();
-    S.get_or_init(|| Scripts {
-        put: Script::new(&format!("{PRELUDE}{PUT}")),
-        delete: Script::new(&format!("{PRELUDE}{DELETE}")),
-        txn: Script::new(&format!("{PRELUDE}{TXN}")),
-        list: Script::new(LIST),
-        sweep: Script::new(&format!("{PRELUDE}{SWEEP}")),
-        watch_start: Script::new(WATCH_START),
-        acquire: Script::new(&format!("{PRELUDE}{ACQUIRE}")),
-        release: Script::new(RELEASE),
-        leave: Script::new(LEAVE),
-        renew: Script::new(RENEW),
+    S.get_or_init(|| {
+        let mut sources = HashMap::new();
+        let mut script = |code: String| {
+            let s = Script::new(&code);
+            sources.insert(s.get_hash().to_ascii_lowercase(), code);
+            s
+        };
+        Scripts {
+            put: script(format!("{PRELUDE}{PUT}")),
+            delete: script(format!("{PRELUDE}{DELETE}")),
+            txn: script(format!("{PRELUDE}{TXN}")),
+            list: script(LIST.to_string()),
+            sweep: script(format!("{PRELUDE}{SWEEP}")),
+            watch_start: script(WATCH_START.to_string()),
+            acquire: script(format!("{PRELUDE}{ACQUIRE}")),
+            release: script(RELEASE.to_string()),
+            leave: script(LEAVE.to_string()),
+            renew: script(RENEW.to_string()),
+            sources,
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_script_source_is_found_by_its_sha() {
+        let s = super::scripts();
+        for sc in [&s.put, &s.txn, &s.acquire, &s.renew, &s.watch_start] {
+            let src = s.source(sc.get_hash().as_bytes()).expect("known SHA");
+            assert_eq!(redis::Script::new(src).get_hash(), sc.get_hash());
+        }
+        assert!(s.source(b"0000").is_none());
+    }
 }
