@@ -543,13 +543,32 @@ async fn a_master_failover_is_ridden_out() {
     let w = h2.clone();
     let waiter =
         tokio::spawn(async move { w.lock("x", ttl.with_wait(Duration::from_secs(60))).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h2.waiting_channels() == 0 {
+        assert!(Instant::now() < deadline, "the waiter never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Everything so far is on the replica too (this test is about riding
     // out the failover, not about what asynchronous replication loses).
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(2000)
-        .query(&mut node_con(&addrs[0]))
-        .unwrap();
+    // WAIT counts from the caller's own last write (a client that wrote
+    // nothing gets an immediate answer), so write a barrier in the
+    // namespace's slot first: the replication stream is ordered, so once
+    // the barrier is acknowledged, every earlier write is too.
+    let barrier = h.lock_key("wait-barrier");
+    let acked = tokio::task::spawn_blocking({
+        let a0 = addrs[0].clone();
+        move || -> i64 {
+            let mut con = node_con(&a0);
+            let _: () = redis::cmd("SET")
+                .arg(&barrier)
+                .arg(1)
+                .query(&mut con)
+                .unwrap();
+            redis::cmd("WAIT").arg(1).arg(5000).query(&mut con).unwrap()
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(acked, 1);
     cluster.nodes[0].kill().unwrap();
     let killed = Instant::now();
@@ -577,15 +596,28 @@ async fn a_master_failover_is_ridden_out() {
         "writes work again {:?} after the kill ({errors} failed attempts)",
         killed.elapsed()
     );
-    let now_master = owner(&masters_of(&addrs[1]), {
-        redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(h.lock_key("x"))
-            .query::<u16>(&mut node_con(&addrs[1]))
-            .unwrap()
-    })
-    .addr
-    .clone();
+    // Node 1 learns of the promotion through the cluster bus, maybe a
+    // little after the promoted replica started serving.
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(h.lock_key("x"))
+        .query(&mut node_con(&addrs[1]))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let now_master = loop {
+        let ms = masters_of(&addrs[1]);
+        if let Some(m) = ms
+            .iter()
+            .find(|m| m.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        {
+            break m.addr.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} has no master: {ms:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(now_master, addrs[3], "the replica was promoted");
     // A new handle connects although its first seed is dead, and reads
     // what was written.
