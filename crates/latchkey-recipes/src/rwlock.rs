@@ -130,16 +130,26 @@ impl RwLock {
         Ok(false)
     }
 
-    /// Shared access: waits while a writer holds or claims the lock.
-    /// Dropping the future leaves nothing behind.
-    pub async fn read(&self) -> Result<ReadGuard> {
+    /// Runs `acquire` (once the TTL is checked) within the configured wait;
+    /// a timeout names the `mode` ("read", "write") and the lock.
+    async fn bounded<G>(
+        &self,
+        mode: &str,
+        acquire: impl std::future::Future<Output = Result<G>>,
+    ) -> Result<G> {
         validate::ttl(self.ttl)?;
         with_wait(
             self.wait,
-            || format!("waiting to read-lock {:?}", self.name),
-            self.read_inner(),
+            || format!("waiting to {mode}-lock {:?}", self.name),
+            acquire,
         )
         .await
+    }
+
+    /// Shared access: waits while a writer holds or claims the lock.
+    /// Dropping the future leaves nothing behind.
+    pub async fn read(&self) -> Result<ReadGuard> {
+        self.bounded("read", self.read_inner()).await
     }
 
     async fn read_inner(&self) -> Result<ReadGuard> {
@@ -201,13 +211,7 @@ impl RwLock {
     /// then blocks new readers and waits until the current ones are gone.
     /// Dropping the future leaves nothing behind.
     pub async fn write(&self) -> Result<WriteGuard> {
-        validate::ttl(self.ttl)?;
-        with_wait(
-            self.wait,
-            || format!("waiting to write-lock {:?}", self.name),
-            self.write_inner(),
-        )
-        .await
+        self.bounded("write", self.write_inner()).await
     }
 
     async fn write_inner(&self) -> Result<WriteGuard> {

@@ -1,6 +1,6 @@
-//! Small pieces shared by the recipes: unique ids, the leader record
-//! encoding, a keep-alive loop for TTL keys and the guarded deletes that
-//! remove a recipe's own records.
+//! Small pieces shared by the recipes: unique ids, a keep-alive loop for
+//! TTL keys, the fenced puts that publish a holder's record, and the
+//! guarded deletes that remove a recipe's own records.
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
