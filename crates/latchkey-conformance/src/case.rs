@@ -339,6 +339,19 @@ pub(crate) async fn put_value(h: &dyn KvStore, key: &str, value: &str) -> Result
         .ctx(format!("put {key}"))
 }
 
+/// Puts `value` at `key` with `ttl` and returns the revision; an error
+/// fails the case naming the put and the TTL.
+pub(crate) async fn put_with_ttl(
+    h: &dyn KvStore,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) -> Result<Revision, Fail> {
+    h.put(key, b(value), PutOptions::ttl(ttl))
+        .await
+        .ctx(format!("put {key} with TTL {ttl:?}"))
+}
+
 /// The value at `key` (`None` if missing); an error fails the case naming
 /// the get.
 pub(crate) async fn value_of(h: &dyn KvStore, key: &str) -> Result<Option<Bytes>, Fail> {

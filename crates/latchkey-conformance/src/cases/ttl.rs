@@ -2,7 +2,8 @@
 //! a plain put, TTLs via CAS and txn, and revisions after expiry.
 
 use crate::case::{
-    all_keys, b, ensure, ensure_eq, gates, poll_until, put_value, CaseResult, Cx, ErrCtx, Fail,
+    all_keys, b, ensure, ensure_eq, gates, poll_until, put_value, put_with_ttl, CaseResult, Cx,
+    ErrCtx, Fail,
 };
 use latchkey_core::{Op, PutOptions, TxnRequest};
 use std::sync::Arc;
@@ -65,9 +66,7 @@ cases! {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
         let t = Instant::now();
-        h.put("k", b("v"), PutOptions::ttl(ttl))
-            .await
-            .ctx("put with TTL")?;
+        put_with_ttl(h.as_ref(), "k", "v", ttl).await?;
         put_value(h.as_ref(), "stay", "v").await?;
         let kv = h
             .get("k")
@@ -93,9 +92,7 @@ cases! {
     async fn put_clears_ttl(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
-        h.put("k", b("1"), PutOptions::ttl(ttl))
-            .await
-            .ctx("put with TTL")?;
+        put_with_ttl(h.as_ref(), "k", "1", ttl).await?;
         put_value(h.as_ref(), "k", "2").await?;
         let t = Instant::now();
         let kv = h
@@ -114,10 +111,7 @@ cases! {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
         let t = Instant::now();
-        let r1 = h
-            .put("k", b("v"), PutOptions::ttl(ttl))
-            .await
-            .ctx("put with TTL")?;
+        let r1 = put_with_ttl(h.as_ref(), "k", "v", ttl).await?;
         expect_expiry(&cx, &h, "k", ttl, t).await?;
         let r2 = h
             .put("k", b("v"), PutOptions::if_absent())
@@ -167,13 +161,9 @@ cases! {
     async fn extend(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let ttl = cx.short_kv_ttl();
-        h.put("k", b("1"), PutOptions::ttl(ttl))
-            .await
-            .ctx("put with TTL")?;
+        put_with_ttl(h.as_ref(), "k", "1", ttl).await?;
         let t = Instant::now();
-        h.put("k", b("2"), PutOptions::ttl(Duration::from_secs(60)))
-            .await
-            .ctx("put with a 60 s TTL")?;
+        put_with_ttl(h.as_ref(), "k", "2", Duration::from_secs(60)).await?;
         expect_outlives(&cx, &h, "k", ttl, t, "live on with its new 60 s TTL").await
     }
 }

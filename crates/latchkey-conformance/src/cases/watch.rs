@@ -1,7 +1,9 @@
 //! Watch cases: order, revisions, prefixes, resume, coalescing where the
 //! backend declares it, namespaces, txn writes and expiry.
 
-use crate::case::{b, ensure, ensure_eq, gates, put_value, CaseResult, Cx, ErrCtx, Fail};
+use crate::case::{
+    b, ensure, ensure_eq, gates, put_value, put_with_ttl, CaseResult, Cx, ErrCtx, Fail,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
@@ -335,10 +337,7 @@ cases! {
         let (w, h) = (cx.open().await?, cx.open().await?);
         let ttl = cx.short_kv_ttl();
         let mut s = w.watch("e/", None).await.ctx("watch")?;
-        let r = h
-            .put("e/k", b("v"), PutOptions::ttl(ttl))
-            .await
-            .ctx("put with TTL")?;
+        let r = put_with_ttl(h.as_ref(), "e/k", "v", ttl).await?;
         let ev = next_event(&mut s, "the put event").await?;
         ensure!(
             matches(&ev, &put("e/k", "v", r)),
