@@ -5,11 +5,17 @@ use crate::case::{
     b, ensure, ensure_eq, expect_value, fenced_put, parse_num, put_value, CaseResult, Cx, ErrCtx,
     Fail, Joined,
 };
-use latchkey_core::{Compare, LockGuard, Op, OpResult, TxnRequest};
+use latchkey_core::{Backend, Compare, LockGuard, Op, OpResult, TxnRequest};
 
 /// [`fenced_put`] that reads the key back when the fence refuses it.
 fn fenced(g: &LockGuard, key: &str, value: &str) -> TxnRequest {
     fenced_put(g, key, value).otherwise([Op::get(key)])
+}
+
+/// Sends [`fenced`] of key `f` through `h` (`what` names it should the
+/// backend error) and says whether it committed.
+async fn committed(h: &dyn Backend, g: &LockGuard, value: &str, what: &str) -> Result<bool, Fail> {
+    Ok(h.txn(fenced(g, "f", value)).await.ctx(what)?.succeeded)
 }
 
 cases! {
@@ -18,9 +24,8 @@ cases! {
     async fn held_commits(cx: Cx) -> CaseResult {
         let h = cx.open().await?;
         let g = h.lock("x", cx.long_lock()).await.ctx("lock")?;
-        let o = h.txn(fenced(&g, "f", "1")).await.ctx("fenced write")?;
         ensure!(
-            o.succeeded,
+            committed(h.as_ref(), &g, "1", "fenced write").await?,
             "expected a fenced write with a held guard to commit"
         );
         expect_value(h.as_ref(), "f", "1", "the fenced key").await?;
@@ -36,10 +41,7 @@ cases! {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let old = a.lock("x", cx.long_lock()).await.ctx("lock")?;
         ensure!(
-            a.txn(fenced(&old, "f", "old-1"))
-                .await
-                .ctx("fenced write")?
-                .succeeded,
+            committed(a.as_ref(), &old, "old-1", "fenced write").await?,
             "expected the holder's fenced write to commit"
         );
         old.release().await.ctx("release")?;
@@ -68,10 +70,7 @@ cases! {
             }
         }
         ensure!(
-            c.txn(fenced(&new, "f", "new"))
-                .await
-                .ctx("fenced write with the new guard")?
-                .succeeded,
+            committed(c.as_ref(), &new, "new", "fenced write with the new guard").await?,
             "expected the new holder's fenced write to commit"
         );
         expect_value(c.as_ref(), "f", "new", "the fenced key").await?;
@@ -87,18 +86,12 @@ cases! {
         let (a, c) = (cx.open().await?, cx.open().await?);
         let g = a.lock("x", cx.long_lock()).await.ctx("lock")?;
         ensure!(
-            c.txn(fenced(&g, "f", "1"))
-                .await
-                .ctx("fenced write via another handle")?
-                .succeeded,
+            committed(c.as_ref(), &g, "1", "fenced write via another handle").await?,
             "expected a fenced write with a held guard to commit when sent through another handle"
         );
         g.release().await.ctx("release")?;
         ensure!(
-            !c.txn(fenced(&g, "f", "2"))
-                .await
-                .ctx("fenced write via another handle")?
-                .succeeded,
+            !committed(c.as_ref(), &g, "2", "fenced write via another handle").await?,
             "expected a fenced write with a released guard to fail through another handle"
         );
         Ok(())
@@ -118,12 +111,12 @@ cases! {
             g1.fencing_token(),
             g2.fencing_token()
         );
-        ensure!(!h.txn(fenced(&g1, "f", "1")).await.ctx("fenced write, old guard")?.succeeded, "expected the released first guard's fenced write to fail while the same handle holds the lock again");
         ensure!(
-            h.txn(fenced(&g2, "f", "2"))
-                .await
-                .ctx("fenced write, new guard")?
-                .succeeded,
+            !committed(h.as_ref(), &g1, "1", "fenced write, old guard").await?,
+            "expected the released first guard's fenced write to fail while the same handle holds the lock again"
+        );
+        ensure!(
+            committed(h.as_ref(), &g2, "2", "fenced write, new guard").await?,
             "expected the current guard's fenced write to commit"
         );
         g2.release().await.ctx("release")?;
