@@ -355,15 +355,10 @@ fn check_no_spurious_loss(h: &History, f: &mut Findings) {
     };
     // "+1.234 s" after the latency was switched on (negative: before).
     let when = |t: u64| match start {
-        Some(s) => {
-            let d = t as f64 / 1e9 - s as f64 / 1e9;
-            match end {
-                Some(e) if t > e => format!("{d:+.3} s (after it ended)"),
-                _ => format!("{d:+.3} s"),
-            }
-        }
-        None => format!("{t} ns (no latency phase recorded)"),
+        Some(s) => format!("{:+.3} s", t as f64 / 1e9 - s as f64 / 1e9),
+        None => format!("{t} ns"),
     };
+    let after_end = |t: u64| matches!(end, Some(e) if t > e);
     let checked: Vec<&HoldingEnd> = h.holdings.iter().filter(|x| !x.staged).collect();
     let overlaps = |x: &HoldingEnd| match (start, end) {
         (Some(s), Some(e)) => x.released >= s && x.acquired <= e,
@@ -402,13 +397,20 @@ fn check_no_spurious_loss(h: &History, f: &mut Findings) {
         };
         f.violations.push(format!(
             "spurious loss: {} client {} (token {}), held {:.3} s, acquired at {} and \
-             released at {} from the start of the latency phase: {what}",
+             released at {} from the start of the latency phase{}: {what}",
             x.process,
             x.client,
             x.token,
             x.released.saturating_sub(x.acquired) as f64 / 1e9,
             when(x.acquired),
             when(x.released),
+            if start.is_none() {
+                " (no latency phase recorded)"
+            } else if after_end(x.released) {
+                " (released after it ended)"
+            } else {
+                ""
+            },
         ));
     }
 }
