@@ -21,6 +21,9 @@
 //!   acknowledged increment that is missing is);
 //! - for stale-holder scenarios: the stale holder's write did not commit and
 //!   its `lost()` fired.
+//! - for slow-network, where its latency keeps every round trip under TTL/3:
+//!   no spurious loss (no holding saw `lost()` fire before its release or
+//!   its fenced write refused).
 //!
 //! Findings that the backend's declared capabilities allow (KV anomalies of a
 //! non-linearizable read mode; data or token loss of a non-durable store after
