@@ -92,6 +92,20 @@ async fn join_all<T>(tasks: Vec<tokio::task::JoinHandle<Result<T, Fail>>>) -> Re
     }
 }
 
+/// A write of key `f` through `h` fenced by `fence` (a recipe guard's
+/// compare); `what` names it should the backend error. Whether it committed.
+async fn fenced_write(
+    h: &dyn Backend,
+    fence: Compare,
+    value: &str,
+    what: &str,
+) -> Result<bool, Fail> {
+    let txn = TxnRequest::new()
+        .when([fence])
+        .then([Op::put("f", value.to_string())]);
+    Ok(h.txn(txn).await.ctx(what)?.succeeded)
+}
+
 async fn next_leader(
     s: &mut futures::stream::BoxStream<'static, latchkey_core::Result<Option<Leader>>>,
     what: &str,
@@ -295,11 +309,11 @@ cases! {
         ensure!(new.term() > old.term(), "expected the new term > {}, got {}", old.term(), new.term());
         tokio::time::timeout(bound, old.lost()).await
             .map_err(|_| Fail(format!("expected the expired leader's lost() to fire within {bound:?}")))?;
-        let stale = c.txn(TxnRequest::new().when([old.fence()]).then([Op::put("f", "old")])).await.ctx("fenced write of the old leader")?;
-        ensure!(!stale.succeeded, "expected the expired leader's fenced write to fail");
+        let stale = fenced_write(c.as_ref(), old.fence(), "old", "fenced write of the old leader").await?;
+        ensure!(!stale, "expected the expired leader's fenced write to fail");
         ensure!(old.proclaim("still a").await.is_err(), "expected the expired leader's proclaim to fail");
-        let fresh = c.txn(TxnRequest::new().when([new.fence()]).then([Op::put("f", "new")])).await.ctx("fenced write of the new leader")?;
-        ensure!(fresh.succeeded, "expected the new leader's fenced write to commit");
+        let fresh = fenced_write(c.as_ref(), new.fence(), "new", "fenced write of the new leader").await?;
+        ensure!(fresh, "expected the new leader's fenced write to commit");
         let seen = Election::new(c.clone(), "e").ctx("new")?.leader().await.ctx("leader()")?;
         ensure_eq!(seen.map(|l| (l.term, l.value)), Some((new.term(), b("c"))), "the published leader");
         new.resign().await.ctx("resign")?;
@@ -454,10 +468,10 @@ cases! {
         ensure!(new.fencing_token() > old.fencing_token(), "expected the new token > {}, got {}", old.fencing_token(), new.fencing_token());
         tokio::time::timeout(bound, old.lost()).await
             .map_err(|_| Fail(format!("expected the abandoned permit's lost() within {bound:?}")))?;
-        let stale = c.txn(TxnRequest::new().when([old.fence()]).then([Op::put("f", "old")])).await.ctx("fenced write")?;
-        ensure!(!stale.succeeded, "expected the reclaimed permit's fenced write to fail");
-        let fresh = c.txn(TxnRequest::new().when([new.fence()]).then([Op::put("f", "new")])).await.ctx("fenced write")?;
-        ensure!(fresh.succeeded, "expected the new holder's fenced write to commit");
+        let stale = fenced_write(c.as_ref(), old.fence(), "old", "fenced write").await?;
+        ensure!(!stale, "expected the reclaimed permit's fenced write to fail");
+        let fresh = fenced_write(c.as_ref(), new.fence(), "new", "fenced write").await?;
+        ensure!(fresh, "expected the new holder's fenced write to commit");
         new.release().await.ctx("release")?;
         Ok(())
     }
