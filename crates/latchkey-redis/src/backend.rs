@@ -57,6 +57,7 @@ pub struct RedisBackend {
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackend")
+            .field("cluster", &self.shared.conn.target().is_cluster())
             .field("prefix", &self.shared.layout.lock(""))
             .finish()
     }

@@ -192,6 +192,11 @@
 //!   the tests measured 2.5–3 s from the kill to the first write on the
 //!   promoted replica: `timeout=5s`). A new handle connects as long as one
 //!   seed answers.
+//! - **Name and capabilities**: [`Backend::name`] is `"redis"` in both
+//!   modes (errors name it too; `Debug` of a handle shows `cluster: true`),
+//!   and [`Backend::capabilities`] are the same as on one server: each
+//!   script still runs atomically on one master, and the losses below are
+//!   those a single server without `appendfsync always` already declares.
 //! - **Lock hand-off** uses classic pub/sub: Redis Cluster forwards every
 //!   `PUBLISH` to every node, so a handle subscribes on any one node (one
 //!   pub/sub connection per handle, as on one server). If that node dies,

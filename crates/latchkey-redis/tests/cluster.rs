@@ -232,6 +232,9 @@ async fn empty_namespace_works_on_a_cluster() {
         .unwrap();
     let k = unique_namespace("empty-ns");
     assert_eq!(h.lock_key(&k), format!("latchkey:{{%}}:lock:{k}"));
+    // Same name as on one server; Debug tells the modes apart.
+    assert_eq!(latchkey_core::Backend::name(&h), "redis");
+    assert!(format!("{h:?}").contains("cluster: true"), "{h:?}");
     let mut w = h.watch(&format!("{k}/"), None).await.unwrap();
     let r1 = h
         .put(&format!("{k}/a"), Bytes::from("1"), PutOptions::default())
