@@ -425,7 +425,18 @@ impl Config {
 
 /// True if the connection a command ran on can no longer be trusted.
 pub(crate) fn is_connection_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || is_dropped_request(e)
+}
+
+/// A cluster connection's task that dropped a request (its reply channel)
+/// answers with this client error: whether the command was sent is
+/// unknown, exactly as when a connection breaks under it.
+fn is_dropped_request(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Client && e.to_string().contains("internal failure")
 }
 
 /// True if a cluster refused to run a command without running it: the
@@ -629,5 +640,23 @@ impl Conn {
                 Err(e) => return Err(map_err(&e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_the_cluster_client_dropped_is_a_connection_failure() {
+        let dropped = RedisError::from((
+            redis::ErrorKind::Client,
+            "request wasn't handled due to internal failure",
+        ));
+        assert!(is_connection_failure(&dropped));
+        // So a write is Indeterminate (see Conn::run), a read Unavailable.
+        assert!(matches!(map_err(&dropped), Error::Unavailable { .. }));
+        let other = RedisError::from((redis::ErrorKind::Client, "empty command"));
+        assert!(!is_connection_failure(&other));
     }
 }
