@@ -35,7 +35,7 @@
 //! | URL | Cargo feature |
 //! |---|---|
 //! | `mem://[name]` | always |
-//! | `redis://`, `rediss://` | `redis` |
+//! | `redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://` | `redis` |
 //! | `etcd://`, `etcds://` | `etcd` (needs `protoc` to build) |
 //! | `consul://`, `consuls://` | `consul` |
 //! | `zookeeper://` | `zookeeper` |

@@ -50,6 +50,8 @@ fn default_registry() -> Registry {
     for (scheme, feature) in [
         ("redis", "redis"),
         ("rediss", "redis"),
+        ("redis+cluster", "redis"),
+        ("rediss+cluster", "redis"),
         ("etcd", "etcd"),
         ("etcds", "etcd"),
         ("consul", "consul"),

@@ -32,12 +32,15 @@ async fn unknown_scheme_lists_compiled_in_schemes() {
 #[cfg(not(feature = "redis"))]
 #[tokio::test]
 async fn disabled_feature_is_named_and_password_hidden() {
-    let err = latchkey::connect("redis://u:hunter2@127.0.0.1:6379")
-        .await
-        .unwrap_err();
-    let msg = err.to_string();
-    assert!(msg.contains("feature \"redis\""), "{msg}");
-    assert!(!msg.contains("hunter2"), "{msg}");
+    for url in [
+        "redis://u:hunter2@127.0.0.1:6379",
+        "redis+cluster://u:hunter2@127.0.0.1:7000,127.0.0.1:7001",
+    ] {
+        let err = latchkey::connect(url).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("feature \"redis\""), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
 }
 
 #[tokio::test]
