@@ -210,10 +210,10 @@ fn is_zombie(pid: u32) -> bool {
         == Some('Z')
 }
 
-fn start_redis(dir: &Path, port: u16) -> Result<Service, String> {
-    let bin = find_on_path("redis-server").ok_or("redis-server is not installed")?;
+/// A throwaway redis-server on loopback: no persistence, data and log in `dir`.
+fn redis_args(port: u16, dir: &Path) -> Vec<String> {
     let d = dir.display().to_string();
-    let args: Vec<String> = [
+    [
         "--port",
         &port.to_string(),
         "--bind",
@@ -230,7 +230,12 @@ fn start_redis(dir: &Path, port: u16) -> Result<Service, String> {
         &format!("{d}/redis.log"),
     ]
     .map(String::from)
-    .to_vec();
+    .to_vec()
+}
+
+fn start_redis(dir: &Path, port: u16) -> Result<Service, String> {
+    let bin = find_on_path("redis-server").ok_or("redis-server is not installed")?;
+    let args = redis_args(port, dir);
     let pid = spawn_detached(&bin, &args, dir, "stdout.log")?;
     Ok(service(
         "redis",
@@ -416,32 +421,20 @@ fn start_redis_cluster(base: &Path, taken: &mut Vec<u16>) -> Result<Vec<Service>
         let dir = base.join(format!("n{}", i + 1));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let d = dir.display().to_string();
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--set-proc-title",
-            "no",
-            "--dir",
-            &d,
-            "--logfile",
-            &format!("{d}/redis.log"),
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            &format!("{d}/nodes.conf"),
-            "--cluster-port",
-            &bus.to_string(),
-            "--cluster-node-timeout",
-            "1000",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = redis_args(port, &dir);
+        args.extend(
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("{d}/nodes.conf"),
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-node-timeout",
+                "1000",
+            ]
+            .map(String::from),
+        );
         let pid = spawn_detached(&bin, &args, &dir, "stdout.log")?;
         let (node_url, env) = if i == 0 {
             (url.clone(), "LATCHKEY_TEST_REDIS_CLUSTER_URL")
