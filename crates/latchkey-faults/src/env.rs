@@ -16,6 +16,9 @@ pub enum BackendKind {
     Redis,
     /// One `redis-server` without persistence (the testkit's default).
     RedisVolatile,
+    /// A Redis Cluster of 3 masters with 1 replica each (`redis+cluster://`,
+    /// `cluster-node-timeout 1000`), a fresh one per run.
+    RedisCluster,
     /// One etcd member (fast elections).
     Etcd,
     /// A 3-member etcd cluster.
@@ -35,6 +38,7 @@ impl BackendKind {
     pub const ALL: &'static [BackendKind] = &[
         BackendKind::Redis,
         BackendKind::RedisVolatile,
+        BackendKind::RedisCluster,
         BackendKind::Etcd,
         BackendKind::Etcd3,
         BackendKind::Zookeeper,
@@ -48,6 +52,7 @@ impl BackendKind {
         match self {
             BackendKind::Redis => "redis",
             BackendKind::RedisVolatile => "redis-volatile",
+            BackendKind::RedisCluster => "redis-cluster",
             BackendKind::Etcd => "etcd",
             BackendKind::Etcd3 => "etcd-3",
             BackendKind::Zookeeper => "zookeeper",
@@ -63,6 +68,7 @@ impl BackendKind {
         // Cluster labels without the dash are accepted too.
         let name = match name {
             "etcd3" => "etcd-3",
+            "redis+cluster" | "redis-cluster" => "redis-cluster",
             "zookeeper3" | "zk3" => "zookeeper-3",
             other => other,
         };
@@ -95,7 +101,9 @@ impl BackendKind {
     /// for renewals on a loaded 2-core machine.
     pub fn ttl(self) -> Duration {
         match self {
-            BackendKind::Redis | BackendKind::RedisVolatile => Duration::from_millis(1500),
+            BackendKind::Redis | BackendKind::RedisVolatile | BackendKind::RedisCluster => {
+                Duration::from_millis(1500)
+            }
             BackendKind::Etcd | BackendKind::Etcd3 => Duration::from_secs(2),
             BackendKind::Zookeeper | BackendKind::Zookeeper3 | BackendKind::ZookeeperSeq => {
                 Duration::from_secs(2)
@@ -109,6 +117,9 @@ impl BackendKind {
     fn params(self) -> &'static str {
         match self {
             BackendKind::Redis | BackendKind::RedisVolatile => "timeout=1s",
+            // Longer than a failover (node timeout 1 s + election), as the
+            // adapter's docs ask: commands ride out the promotion.
+            BackendKind::RedisCluster => "timeout=5s",
             BackendKind::Etcd | BackendKind::Etcd3 => "timeout=2s",
             BackendKind::Zookeeper | BackendKind::Zookeeper3 => {
                 "reads=linearizable&session_timeout=2s&connect_timeout=2s"
@@ -121,6 +132,7 @@ impl BackendKind {
     fn scheme(self) -> &'static str {
         match self {
             BackendKind::Redis | BackendKind::RedisVolatile => "redis",
+            BackendKind::RedisCluster => "redis+cluster",
             BackendKind::Etcd | BackendKind::Etcd3 => "etcd",
             BackendKind::Zookeeper | BackendKind::Zookeeper3 | BackendKind::ZookeeperSeq => {
                 "zookeeper"
@@ -179,6 +191,9 @@ impl Env {
             BackendKind::RedisVolatile => Servers::Single(Box::new(
                 latchkey_testkit::spawn_redis(RedisOptions::default()).map_err(e)?,
             )),
+            BackendKind::RedisCluster => Servers::Cluster(
+                latchkey_testkit::spawn_redis_cluster(3, 1, RedisOptions::default()).map_err(e)?,
+            ),
             BackendKind::Etcd => Servers::Single(Box::new(
                 latchkey_testkit::spawn_etcd(EtcdOptions::default().fast()).map_err(e)?,
             )),
@@ -240,6 +255,11 @@ impl Env {
         match &self.servers {
             Servers::Single(s) => {
                 let _ = s.wait_ready();
+            }
+            Servers::Cluster(c) if self.kind == BackendKind::RedisCluster => {
+                let _ = c.wait_ready();
+                // Every slot served and every view agreeing (after a failover).
+                let _ = c.wait_cluster_ok();
             }
             Servers::Cluster(c) => {
                 let _ = c.wait_ready();
@@ -303,5 +323,10 @@ mod tests {
             vec![BackendKind::Etcd, BackendKind::Etcd3]
         );
         assert!(BackendKind::select("etcd4").is_empty());
+        assert_eq!(
+            BackendKind::select("redis-cluster"),
+            vec![BackendKind::RedisCluster]
+        );
+        assert!(BackendKind::select("redis").contains(&BackendKind::RedisCluster));
     }
 }

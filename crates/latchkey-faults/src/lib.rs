@@ -296,6 +296,12 @@ pub async fn run_once(
             })?;
             &own_env
         }
+        // A fresh Redis Cluster per run: master-failover leaves the topology
+        // changed (the old master a replica now).
+        (_, BackendKind::RedisCluster) => {
+            own_env = tokio::task::block_in_place(|| Env::start(env.kind, &opts.holder_exe))?;
+            &own_env
+        }
         (Scenario::MemberPartition, BackendKind::Etcd3) => {
             own_env = tokio::task::block_in_place(|| {
                 etcdnet::NetCluster::start().map(|c| Env {
@@ -312,9 +318,15 @@ pub async fn run_once(
     let ns = latchkey_testkit::unique_namespace(&format!("faults-{seed}"));
     let local = ProxyGroup::start(&env.addrs())?;
     let childg = Arc::new(ProxyGroup::start(&env.addrs())?);
-    let local_url = env.url(&local.addrs(), &ns);
-    let child_url = env.url(&childg.addrs(), &ns);
     let direct_url = env.url(&env.addrs(), &ns);
+    // The cluster client follows the addresses CLUSTER SLOTS announces, so
+    // proxies would only carry its first request: connect directly (the
+    // scenarios that need the proxies are skipped on a cluster).
+    let (local_url, child_url) = if env.kind == BackendKind::RedisCluster {
+        (direct_url.clone(), direct_url.clone())
+    } else {
+        (env.url(&local.addrs(), &ns), env.url(&childg.addrs(), &ns))
+    };
     let shared = Arc::new(Shared::default());
     let phase = if opts.quick {
         Duration::from_secs(2)
@@ -358,6 +370,7 @@ pub async fn run_once(
         ttl,
         phase,
         seed,
+        ns: &ns,
     };
     let injected = scenario::inject(scenario, &target, &mut rng).await;
     local.set_mode(latchkey_testkit::ProxyMode::Pass);

@@ -28,6 +28,10 @@ pub enum Scenario {
     SlowNetwork,
     /// Reset client connections at random points.
     ConnectionResets,
+    /// Redis Cluster: kill -9 the master of the workload's namespace, wait
+    /// for its replica's promotion, later restart the old master (it rejoins
+    /// as a replica).
+    MasterFailover,
 }
 
 impl Scenario {
@@ -41,6 +45,7 @@ impl Scenario {
         Scenario::MemberPartition,
         Scenario::SlowNetwork,
         Scenario::ConnectionResets,
+        Scenario::MasterFailover,
     ];
 
     /// The label in the table and on the command line.
@@ -54,6 +59,7 @@ impl Scenario {
             Scenario::MemberPartition => "member-partition",
             Scenario::SlowNetwork => "slow-network",
             Scenario::ConnectionResets => "conn-resets",
+            Scenario::MasterFailover => "master-failover",
         }
     }
 
@@ -80,13 +86,41 @@ impl Scenario {
 
     /// Restarts servers (losses are excusable on non-durable backends).
     pub fn restarts(self) -> bool {
-        matches!(self, Scenario::KillRestart | Scenario::RollingRestart)
+        matches!(
+            self,
+            Scenario::KillRestart | Scenario::RollingRestart | Scenario::MasterFailover
+        )
+    }
+
+    /// Needs the clients' traffic to pass the fault proxies.
+    pub fn needs_proxies(self) -> bool {
+        matches!(
+            self,
+            Scenario::ClientPartition | Scenario::SlowNetwork | Scenario::ConnectionResets
+        )
     }
 
     /// `Err(why)` when the backend cannot express this scenario.
     pub fn applies(self, b: BackendKind) -> Result<(), &'static str> {
         let consul = b == BackendKind::ConsulSim;
+        let redis_cluster = b == BackendKind::RedisCluster;
         match self {
+            Scenario::MasterFailover if !redis_cluster => {
+                Err("Redis Cluster only (a master with replicas to promote)")
+            }
+            Scenario::MasterFailover => Ok(()),
+            s if redis_cluster && s.needs_proxies() => Err(
+                "the cluster client follows the node addresses CLUSTER SLOTS announces \
+                 (the servers' own ports), so its traffic bypasses the fault proxies",
+            ),
+            Scenario::ServerPause | Scenario::KillRestart | Scenario::RollingRestart
+                if redis_cluster =>
+            {
+                Err("a master stopped past cluster-node-timeout fails over: covered by master-failover")
+            }
+            Scenario::MemberPartition if redis_cluster => Err(
+                "not wired for Redis Cluster (its bus links would need cutting per member)",
+            ),
             Scenario::KillRestart | Scenario::RollingRestart if consul => Err(
                 "the Consul simulator keeps its state in memory only (real Consul persists it): \
                  a restart would measure the simulator, not Consul",
@@ -119,6 +153,8 @@ pub struct Target<'a> {
     /// The run's seed (member-partition: leader-side on even seeds, a
     /// follower on odd ones, so any two consecutive runs cover both).
     pub seed: u64,
+    /// The workload's namespace (master-failover kills the master of its slot).
+    pub ns: &'a str,
 }
 
 /// A cluster whose members can be cut off from their peers while clients
@@ -238,6 +274,31 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
                 Ok(())
             })?;
             Ok(())
+        }
+        Scenario::MasterFailover => {
+            let Servers::Cluster(c) = &t.env.servers else {
+                return Err("not a cluster".into());
+            };
+            // Every key of the namespace shares the hash tag {ns} (the
+            // namespaces of the runs need no escaping).
+            let key = format!("latchkey:{{{}}}:rev", t.ns);
+            let old = blocking(|| c.master_of_key(&key)).map_err(|e| e.to_string())?;
+            c.members()[old].kill().map_err(|e| e.to_string())?;
+            let killed = Instant::now();
+            let new = blocking(|| c.wait_for_failover(old)).map_err(|e| e.to_string())?;
+            eprintln!(
+                "[faults]   master {} of the namespace killed; member {} promoted after {:.1}s",
+                old + 1,
+                new + 1,
+                killed.elapsed().as_secs_f64()
+            );
+            // The workload runs on the promoted master for a while before
+            // the old one comes back (as a replica of the new one).
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+            blocking(|| -> Result<(), String> {
+                c.members()[old].restart().map_err(|e| e.to_string())?;
+                c.wait_cluster_ok().map_err(|e| e.to_string())
+            })
         }
         Scenario::RollingRestart => {
             let Servers::Cluster(c) = &t.env.servers else {
