@@ -9,10 +9,10 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: latchkey-faults [--backend B]... [--scenario S]... [--runs K] [--seed S] [--quick] [--unfenced]
                        [--ttl-ms T] [--force-liveness]
-  backends:  redis redis-volatile etcd etcd-3 zookeeper zookeeper-3 zookeeper-seq consul-sim
-             (redis, etcd, zookeeper, consul select every configuration of that backend)
+  backends:  redis redis-volatile redis-cluster etcd etcd-3 zookeeper zookeeper-3 zookeeper-seq
+             consul-sim (redis, etcd, zookeeper, consul select every configuration of that backend)
   scenarios: holder-pause server-pause kill-restart rolling-restart client-partition
-             member-partition slow-network conn-resets
+             member-partition slow-network conn-resets master-failover (redis-cluster only)
   --unfenced is a self-test: counter writes skip the fence, so the checkers must report violations
   --ttl-ms T (test-only) sets every run's lock TTL; --force-liveness (self-test) checks slow-network
              for spurious losses even when its latency is not under TTL/3 (with a tiny --ttl-ms the
