@@ -453,3 +453,36 @@ fn with_server<R>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{BackendKind, Scenario};
+
+    #[test]
+    fn master_failover_applies_to_redis_cluster_only_and_proxy_scenarios_skip_there() {
+        for &b in BackendKind::ALL {
+            assert_eq!(
+                Scenario::MasterFailover.applies(b).is_ok(),
+                b == BackendKind::RedisCluster,
+                "{b:?}"
+            );
+        }
+        let rc = BackendKind::RedisCluster;
+        for s in [
+            Scenario::ClientPartition,
+            Scenario::SlowNetwork,
+            Scenario::ConnectionResets,
+        ] {
+            assert!(s
+                .applies(rc)
+                .unwrap_err()
+                .contains("bypasses the fault proxies"));
+        }
+        assert!(Scenario::HolderPause.applies(rc).is_ok());
+        assert!(Scenario::MasterFailover.restarts());
+        assert_eq!(
+            Scenario::parse("master-failover"),
+            Some(Scenario::MasterFailover)
+        );
+    }
+}
