@@ -28,7 +28,7 @@
 
 use crate::util::{
     delete_if_value, lock_lost, publish_owned_record, txn_delete_if_value, txn_fenced_delete,
-    unique_id,
+    txn_or_undo, unique_id,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -169,15 +169,16 @@ impl RwLock {
                 key.clone(),
                 value.clone(),
             ));
-            let out = self
-                .backend
-                .txn(
-                    TxnRequest::new()
-                        .when([Compare::absent(&writer_key), Compare::held(&guard)])
-                        .then([Op::put(&key, value.clone())])
-                        .otherwise([Op::get(&writer_key)]),
-                )
-                .await?;
+            let out = txn_or_undo(
+                &self.backend,
+                TxnRequest::new()
+                    .when([Compare::absent(&writer_key), Compare::held(&guard)])
+                    .then([Op::put(&key, value.clone())])
+                    .otherwise([Op::get(&writer_key)]),
+                &key,
+                value.clone(),
+            )
+            .await?;
             if out.succeeded {
                 cleanup.disarm();
                 let unregister = txn_delete_if_value(&key, value);

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use latchkey_core::{
-    Backend, CancelOnDrop, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest,
+    hand_off, Backend, CancelOnDrop, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest,
 };
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,13 +124,41 @@ pub(crate) async fn publish_owned_record(
         key.to_string(),
         record.clone(),
     ));
-    let out = backend.txn(txn_fenced_put(guard, key, record, ttl)).await?;
+    let out = txn_or_undo(
+        backend,
+        txn_fenced_put(guard, key, record.clone(), ttl),
+        key,
+        record,
+    )
+    .await?;
     if !out.succeeded {
         cleanup.disarm();
         let _ = guard.release().await;
         return Err(lock_lost(name));
     }
     Ok(cleanup)
+}
+
+/// Runs `txn`, which writes `record` at `key` when it succeeds, to the end
+/// even if the caller is dropped meanwhile; a record written for a caller
+/// that is gone by then is deleted again (if it is still this one). The
+/// callers' drop-time cleanups cannot do that alone: they may reach the
+/// server before the txn does.
+pub(crate) async fn txn_or_undo(
+    backend: &Arc<dyn Backend>,
+    txn: TxnRequest,
+    key: &str,
+    record: Bytes,
+) -> Result<latchkey_core::TxnOutcome> {
+    let (b, undo) = (backend.clone(), backend.clone());
+    let key = key.to_string();
+    hand_off(async move { b.txn(txn).await }, move |out| async move {
+        // An error may still have written it.
+        if out.map_or(true, |o| o.succeeded) {
+            delete_if_value(undo, key, record).await;
+        }
+    })
+    .await?
 }
 
 /// [`Error::LockLost`] for the recipe's lock `name`.
