@@ -449,6 +449,23 @@ pub fn holder_main(url: String, cfg: RunCfg) -> std::process::ExitCode {
                     Err(_) => "err read timed out".into(),
                 },
                 "write" => match (guard.as_ref(), arg.parse::<u64>()) {
+                    (Some(g), Ok(v)) if cfg.unfenced => {
+                        // Unfenced, the write goes through a fresh connection, as
+                        // to a store of its own: on ZooKeeper a paused holder's own
+                        // session has expired, which would refuse the write even
+                        // without a fence and hide what the checkers must catch.
+                        match tokio::time::timeout(cfg.op_timeout, latchkey::connect(&url)).await {
+                            Ok(Ok(store)) => {
+                                let (o, why) = write_counter_why(&store, g, &cfg, v).await;
+                                format!("write {} {} {why}", o.as_str(), u8::from(g.is_lost()))
+                            }
+                            _ => format!(
+                                "write {} {} cannot connect",
+                                WriteOutcome::Rejected.as_str(),
+                                u8::from(g.is_lost())
+                            ),
+                        }
+                    }
                     (Some(g), Ok(v)) => {
                         let (o, why) = write_counter_why(c, g, &cfg, v).await;
                         format!("write {} {} {why}", o.as_str(), u8::from(g.is_lost()))
