@@ -41,18 +41,7 @@ fn discover(root: &Path) -> Vec<Suite> {
         if !tests.join("conformance.rs").is_file() {
             continue;
         }
-        let mut targets: Vec<String> = std::fs::read_dir(&tests)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let stem = name.strip_suffix(".rs")?.to_string();
-                stem.starts_with("conformance").then_some(stem)
-            })
-            .collect();
-        targets.sort();
-        for target in targets {
+        for target in test_stems(&tests, |stem| stem.starts_with("conformance")) {
             out.push(Suite {
                 backend: b.to_string(),
                 target,
@@ -79,14 +68,19 @@ fn is_cluster_target(target: &str) -> bool {
 
 /// `--test <stem>` for every `tests/*cluster*.rs` of the Redis crate (sorted).
 fn cluster_test_targets(root: &Path) -> Vec<String> {
-    let mut stems: Vec<String> = std::fs::read_dir(root.join("crates/latchkey-redis/tests"))
+    test_stems(&root.join("crates/latchkey-redis/tests"), is_cluster_target)
+}
+
+/// The sorted names of the test targets (`<dir>/<stem>.rs`) whose stem passes `keep`.
+fn test_stems(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut stems: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let stem = name.strip_suffix(".rs")?.to_string();
-            is_cluster_target(&stem).then_some(stem)
+            keep(&stem).then_some(stem)
         })
         .collect();
     stems.sort();
