@@ -486,16 +486,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn overlapping_committed_holdings_violate_exclusion() {
+    /// Client 0 acquires at 0 and writes at 500; client 1 acquired at 100:
+    /// two committed holdings that overlap.
+    fn two_overlapping() -> History {
         let mut h = History::default();
-        // Client 0 acquires at 0 and writes at 500; client 1 acquired at 100.
         h.counter.push(CounterAttempt {
             write_call: 500,
             ..attempt(0, 1, 0, 1, WriteOutcome::Committed)
         });
         h.counter
             .push(attempt(1, 2, 100, 2, WriteOutcome::Committed));
+        h
+    }
+
+    #[test]
+    fn overlapping_committed_holdings_violate_exclusion() {
+        let h = two_overlapping();
         let f = check(&h, Some(2), STRICT, Duration::from_secs(5));
         assert!(
             f.violations.iter().any(|v| v.contains("exclusion")),
@@ -506,13 +512,7 @@ mod tests {
 
     #[test]
     fn a_double_holder_after_a_failover_of_a_non_durable_store_is_allowed_not_hidden() {
-        let mut h = History::default();
-        h.counter.push(CounterAttempt {
-            write_call: 500,
-            ..attempt(0, 1, 0, 1, WriteOutcome::Committed)
-        });
-        h.counter
-            .push(attempt(1, 2, 100, 2, WriteOutcome::Committed));
+        let h = two_overlapping();
         let p = Promises {
             durable: false,
             restarted: true,
