@@ -368,6 +368,7 @@ pub async fn run_once(
         child: &childg,
         shared: &shared,
         ttl,
+        cfg: &cfg,
         phase,
         seed,
         ns: &ns,

@@ -1,7 +1,7 @@
 //! The fault scenarios and when each applies.
 
 use crate::env::{BackendKind, Env, ProxyGroup, Servers};
-use crate::workload::{Shared, Stale};
+use crate::workload::{RunCfg, Shared, Stale};
 use latchkey_testkit::ProxyMode;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -148,6 +148,8 @@ pub struct Target<'a> {
     pub shared: &'a Arc<Shared>,
     /// Lock TTL.
     pub ttl: Duration,
+    /// The workload's settings (the bounds of a stale episode).
+    pub cfg: &'a RunCfg,
     /// How long the fault phases last (shorter with `--quick`).
     pub phase: Duration,
     /// The run's seed (member-partition: leader-side on even seeds, a
@@ -212,12 +214,42 @@ async fn wait_stale_episode(t: &Target<'_>, how: Stale) -> Result<(), String> {
         .stale_request
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(how);
-    wait_stale_recorded(t).await
+    wait_stale_active(t).await?;
+    wait_stale_recorded(t, how).await
 }
 
-/// Waits until the requested stale-holder episode has been recorded.
-async fn wait_stale_recorded(t: &Target<'_>) -> Result<(), String> {
+/// Waits until the holder child holds the lock and has gone stale as
+/// requested (withdrawing the request if it never does).
+async fn wait_stale_active(t: &Target<'_>) -> Result<(), String> {
     let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
+    loop {
+        let recorded = !t
+            .shared
+            .hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale
+            .is_empty();
+        if recorded || t.shared.stale_active.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            t.shared
+                .stale_request
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            return Err("the holder child never held the lock long enough to be made stale".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the stale episode (the child is stale now) has been
+/// recorded, as long as the child may take for it.
+async fn wait_stale_recorded(t: &Target<'_>, how: Stale) -> Result<(), String> {
+    let within = t.cfg.stale_recorded_within(how);
+    let deadline = Instant::now() + within;
     loop {
         let done = !t
             .shared
@@ -230,12 +262,9 @@ async fn wait_stale_recorded(t: &Target<'_>) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            t.shared
-                .stale_request
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            return Err("the holder child never held the lock long enough to be made stale".into());
+            return Err(format!(
+                "the holder child went stale but its episode was not recorded within {within:?}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -377,24 +406,12 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
             // has passed and another client acquired through the majority,
             // its write, sent anywhere while the member is still cut off,
             // must be refused by the fence.
+            let how = Stale::Minority(victim);
             *t.shared
                 .stale_request
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Stale::Minority(victim));
-            let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
-            while !t.shared.stale_active.load(Ordering::SeqCst) {
-                if Instant::now() >= deadline {
-                    t.shared
-                        .stale_request
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take();
-                    return Err(
-                        "the holder child never held the lock long enough to be stranded".into(),
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+                .unwrap_or_else(|p| p.into_inner()) = Some(how);
+            wait_stale_active(t).await?;
             if let Err(e) = c.isolate(Some(victim)) {
                 let _ = c.isolate(None);
                 return Err(format!("cutting member {} off: {e}", victim + 1));
@@ -402,7 +419,7 @@ pub async fn inject(s: Scenario, t: &Target<'_>, rng: &mut StdRng) -> Result<(),
             let cut = Instant::now();
             let hold = (t.ttl * 2).max(Duration::from_secs(4));
             let episode = async {
-                wait_stale_recorded(t).await?;
+                wait_stale_recorded(t, how).await?;
                 tokio::time::sleep(hold.saturating_sub(cut.elapsed())).await;
                 Ok::<(), String>(())
             };

@@ -50,6 +50,25 @@ impl RunCfg {
         }
     }
 
+    /// The longest the holder child stays stale in an episode staged `how`:
+    /// past the TTL and until another client took the lock. A cut-off leader
+    /// gets 30 s more: the majority first has to elect a new one (a
+    /// ZooKeeper ensemble under load took over 15 s).
+    pub fn stale_window(&self, how: Stale) -> Duration {
+        let extra = match how {
+            Stale::Minority(_) => Duration::from_secs(30),
+            _ => Duration::ZERO,
+        };
+        self.ttl * 4 + self.lock_wait + extra
+    }
+
+    /// How soon after the child went stale its episode is recorded at the
+    /// latest: the window, then the write and the release (each bounded by
+    /// twice the op timeout), and a margin.
+    pub fn stale_recorded_within(&self, how: Stale) -> Duration {
+        self.stale_window(how) + self.op_timeout * 4 + Duration::from_secs(5)
+    }
+
     /// How long a long holding waits between its read and its write: a third
     /// longer than the TTL (about four renewal periods of TTL/3).
     pub fn long_hold(&self) -> Duration {
@@ -619,13 +638,7 @@ impl ChildDriver {
                 };
                 shared.stale_active.store(ok, Ordering::SeqCst);
                 // Stay stale past the TTL and until another client has taken the lock.
-                // A cut-off leader: the majority first has to elect a new one
-                // (a ZooKeeper ensemble under load took over 15 s).
-                let extra = match how {
-                    Stale::Minority(_) => Duration::from_secs(30),
-                    _ => Duration::ZERO,
-                };
-                let deadline = Instant::now() + cfg.ttl * 4 + cfg.lock_wait + extra;
+                let deadline = Instant::now() + cfg.stale_window(how);
                 let min = Instant::now() + cfg.ttl + Duration::from_millis(500);
                 while ok && Instant::now() < deadline {
                     other_acquired = shared.last_local_acquire.load(Ordering::SeqCst) > start;
