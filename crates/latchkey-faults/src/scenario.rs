@@ -218,19 +218,22 @@ async fn wait_stale_episode(t: &Target<'_>, how: Stale) -> Result<(), String> {
     wait_stale_recorded(t, how).await
 }
 
+/// True once the history holds the stale-holder episode.
+fn episode_recorded(t: &Target<'_>) -> bool {
+    !t.shared
+        .hist
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stale
+        .is_empty()
+}
+
 /// Waits until the holder child holds the lock and has gone stale as
 /// requested (withdrawing the request if it never does).
 async fn wait_stale_active(t: &Target<'_>) -> Result<(), String> {
     let deadline = Instant::now() + t.ttl * 8 + Duration::from_secs(30);
     loop {
-        let recorded = !t
-            .shared
-            .hist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stale
-            .is_empty();
-        if recorded || t.shared.stale_active.load(Ordering::SeqCst) {
+        if episode_recorded(t) || t.shared.stale_active.load(Ordering::SeqCst) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -251,14 +254,7 @@ async fn wait_stale_recorded(t: &Target<'_>, how: Stale) -> Result<(), String> {
     let within = t.cfg.stale_recorded_within(how);
     let deadline = Instant::now() + within;
     loop {
-        let done = !t
-            .shared
-            .hist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stale
-            .is_empty();
-        if done {
+        if episode_recorded(t) {
             return Ok(());
         }
         if Instant::now() >= deadline {
