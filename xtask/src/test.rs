@@ -215,6 +215,22 @@ fn running_binary(line: &str) -> Option<String> {
         .map(|n| n.to_string_lossy().into_owned())
 }
 
+/// Follows cargo's output line by line: a `Running` line names the binary
+/// whose `test result:` comes next; a `Doc-tests` line starts results that
+/// belong to no test binary (they must not be taken for the last one's).
+fn attribute(line: &str, current: &mut Option<String>) -> Option<(String, Counts)> {
+    if let Some(bin) = running_binary(line) {
+        *current = Some(bin);
+        return None;
+    }
+    if line.trim_start().starts_with("Doc-tests ") {
+        *current = None;
+        return None;
+    }
+    let counts = parse_result(line)?;
+    Some((current.clone()?, counts))
+}
+
 pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let root = root();
@@ -265,18 +281,11 @@ pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
                     let mut o = out.lock();
                     let _ = writeln!(o, "{line}");
                 }
-                if let Some(bin) = running_binary(&line) {
-                    current = Some(bin);
-                    continue;
-                }
-                if let Some(counts) = parse_result(&line) {
-                    let Some(bin) = current.as_ref() else {
-                        continue;
-                    };
+                if let Some((bin, counts)) = attribute(&line, &mut current) {
                     let (pkg, target) = exes
-                        .get(bin)
+                        .get(&bin)
                         .cloned()
-                        .unwrap_or_else(|| (String::from("?"), bin.clone()));
+                        .unwrap_or_else(|| (String::from("?"), bin));
                     let mut p = parsed.lock().unwrap_or_else(|e| e.into_inner());
                     if counts.failed > 0 {
                         p.failed_binaries.push(format!("{pkg} {target}"));
@@ -315,6 +324,13 @@ pub fn run(backend: Option<&str>, extra: &[String]) -> Result<(), String> {
                     c.ignored
                 );
                 ok &= c.failed == 0;
+                if c.passed == 0 && c.failed == 0 && extra.is_empty() {
+                    println!(
+                        "conformance {}: ran no case: that proves nothing",
+                        s.label()
+                    );
+                    ok = false;
+                }
             }
             None if !extra.is_empty() => {
                 println!(
@@ -383,6 +399,23 @@ mod tests {
             Some("conformance-0123abcd")
         );
         assert_eq!(running_binary("   Doc-tests latchkey"), None);
+    }
+
+    #[test]
+    fn doc_test_results_are_not_taken_for_the_last_binarys() {
+        let lines = [
+            "     Running tests/conformance_cluster.rs (target/debug/deps/conformance_cluster-0a1b)",
+            "test result: ok. 107 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 52.83s",
+            "   Doc-tests latchkey_etcd",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ];
+        let mut current = None;
+        let got: Vec<(String, u64)> = lines
+            .iter()
+            .filter_map(|l| attribute(l, &mut current))
+            .map(|(bin, c)| (bin, c.passed))
+            .collect();
+        assert_eq!(got, vec![("conformance_cluster-0a1b".to_string(), 107)]);
     }
 
     #[test]
