@@ -110,10 +110,13 @@ fn main() -> ExitCode {
     if backends.is_empty() {
         backends = BackendKind::ALL.to_vec();
     }
-    backends.dedup();
+    // `--backend redis --backend redis-volatile` names redis-volatile twice
+    // (a family selects all its configurations): run each pair once.
+    let backends = first_of_each(backends);
     if scenarios.is_empty() {
         scenarios = Scenario::ALL.to_vec();
     }
+    let scenarios = first_of_each(scenarios);
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -210,4 +213,38 @@ fn consul_sim() -> ExitCode {
     }
     drop(sim);
     ExitCode::SUCCESS
+}
+
+/// `v` without repeats, in order of first appearance.
+fn first_of_each<T: PartialEq>(v: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(v.len());
+    for x in v {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_named_by_its_family_and_by_itself_runs_once() {
+        let mut named = BackendKind::select("redis");
+        named.extend(BackendKind::select("redis-volatile"));
+        named.extend(BackendKind::select("etcd"));
+        let once = first_of_each(named);
+        assert_eq!(
+            once,
+            vec![
+                BackendKind::Redis,
+                BackendKind::RedisVolatile,
+                BackendKind::RedisCluster,
+                BackendKind::Etcd,
+                BackendKind::Etcd3
+            ]
+        );
+    }
 }
