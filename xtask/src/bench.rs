@@ -54,11 +54,18 @@ pub fn run_all() -> Result<(), String> {
     Ok(())
 }
 
-fn handoffs() -> Result<String, String> {
+/// What the handoff table measures: mem, then every running service once
+/// (a cluster through its entry point, never one member node on its own).
+fn targets(services: &[services::Service]) -> Vec<(String, String)> {
     let mut urls = vec![("mem".to_string(), "mem://".to_string())];
-    for s in services::load()? {
+    for s in services.iter().filter(|s| s.is_entry_point()) {
         urls.push((s.name.clone(), s.url.clone()));
     }
+    urls
+}
+
+fn handoffs() -> Result<String, String> {
+    let urls = targets(&services::load()?);
     let mut table = String::from(
         "| backend | waiters | handoffs | p50 µs | p99 µs |\n|---|---:|---:|---:|---:|\n",
     );
@@ -91,4 +98,32 @@ fn handoffs() -> Result<String, String> {
         }
     }
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::test_service;
+
+    #[test]
+    fn a_cluster_is_benchmarked_once_through_its_entry_point() {
+        let running = [
+            test_service("redis", "redis://127.0.0.1:6379", "LATCHKEY_TEST_REDIS_URL"),
+            test_service(
+                "redis-cluster",
+                "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+                "LATCHKEY_TEST_REDIS_CLUSTER_URL",
+            ),
+            test_service("redis-cluster", "redis://127.0.0.1:7001", ""),
+        ];
+        let names: Vec<String> = targets(&running).into_iter().map(|(_, u)| u).collect();
+        assert_eq!(
+            names,
+            [
+                "mem://",
+                "redis://127.0.0.1:6379",
+                "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+            ]
+        );
+    }
 }

@@ -34,6 +34,14 @@ pub(crate) struct Service {
     bus: u16,
 }
 
+impl Service {
+    /// False for the member nodes of a cluster (2..): they are reached
+    /// through the cluster's own service, never on their own.
+    pub(crate) fn is_entry_point(&self) -> bool {
+        !self.env.is_empty()
+    }
+}
+
 fn state_file() -> PathBuf {
     root().join("target/latchkey-services.json")
 }
@@ -501,7 +509,7 @@ fn form_cluster(nodes: &[Service]) -> Result<(), String> {
 }
 
 fn print_env(services: &[Service]) {
-    for s in services.iter().filter(|s| !s.env.is_empty()) {
+    for s in services.iter().filter(|s| s.is_entry_point()) {
         println!("{}={}", s.env, s.url);
     }
 }
@@ -653,4 +661,9 @@ pub fn status() -> Result<(), String> {
     } else {
         Err("not every service is up".into())
     }
+}
+
+#[cfg(test)]
+pub(crate) fn test_service(name: &str, url: &str, env: &str) -> Service {
+    service(name, 0, 0, url.into(), env, Path::new("/nonexistent"))
 }
