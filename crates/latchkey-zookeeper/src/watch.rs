@@ -3,7 +3,9 @@
 //! ZooKeeper watch events carry a path only and no history, and changes
 //! made while the session was disconnected may arrive as fewer events (or
 //! none). So the stream re-reads a key after each event on it and delivers
-//! its state *then*, skipping states it already delivered; after a
+//! its state *then*, skipping states it already delivered, and delivers
+//! the states read for the events queued meanwhile in revision order (a
+//! read may return a newer write than another key's pending event); after a
 //! reconnect it re-reads every matching key and delivers what differs. It
 //! therefore always ends on each key's latest state, but may skip
 //! intermediate revisions (`watch_every_revision = false`) and cannot
@@ -14,7 +16,7 @@ use crate::error::{map, Kind, NAME};
 use crate::keys::decode_key;
 use crate::kv::{logical, KeyState};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use latchkey_core::{Error, EventKind, Result, Revision, WatchEvent, WatchStream};
 use std::collections::BTreeMap;
 use tokio::sync::mpsc::UnboundedSender;
@@ -80,36 +82,49 @@ async fn snapshot(
     Ok(out)
 }
 
-/// Delivers `key`'s state `st` if it differs from what was last delivered.
-/// False once the receiver is gone.
-fn offer(tx: &Tx, known: &mut BTreeMap<String, Known>, key: &str, st: &KeyState) -> bool {
+/// The event that delivers `key`'s state `st`, if it differs from what was
+/// last delivered (which it then becomes).
+fn event_for(known: &mut BTreeMap<String, Known>, key: &str, st: &KeyState) -> Option<WatchEvent> {
     let prev = known.get(key).copied();
-    let ev = match (logical(key, st, false), prev) {
-        (Some(kv), Some(p)) if kv.revision <= p.revision() => return true,
+    match (logical(key, st, false), prev) {
+        (Some(kv), Some(p)) if kv.revision <= p.revision() => None,
         (Some(kv), _) => {
             known.insert(key.to_string(), Known::Alive(kv.revision));
-            WatchEvent {
+            Some(WatchEvent {
                 kind: EventKind::Put,
                 key: key.to_string(),
                 value: kv.value,
                 revision: kv.revision,
-            }
+            })
         }
         (None, Some(Known::Alive(r))) => {
             // A znode that vanished entirely (deleted by someone else than
             // latchkey) leaves no zxid to read: report the next one.
             let rev = st.as_ref().map_or(r + 1, |n| n.gone_revision().max(r + 1));
             known.insert(key.to_string(), Known::Gone(rev));
-            WatchEvent {
+            Some(WatchEvent {
                 kind: EventKind::Delete,
                 key: key.to_string(),
                 value: Bytes::new(),
                 revision: rev,
-            }
+            })
         }
-        (None, _) => return true,
-    };
-    tx.send(Ok(ev)).is_ok()
+        (None, _) => None,
+    }
+}
+
+/// Sends `batch` in revision order. False once the receiver is gone.
+fn deliver(tx: &Tx, mut batch: Vec<WatchEvent>) -> bool {
+    batch.sort_by_key(|e| e.revision);
+    batch.into_iter().all(|ev| tx.send(Ok(ev)).is_ok())
+}
+
+/// The key and znode path an event on `path` is about, if it is watched.
+fn watched_key(kv_dir: &str, prefix: &str, path: &str) -> Option<(String, String)> {
+    let name = key_of(kv_dir, path)?;
+    let key = decode_key(name)?;
+    key.starts_with(prefix)
+        .then(|| (key, format!("{kv_dir}/{name}")))
 }
 
 fn key_of<'a>(kv_dir: &str, path: &'a str) -> Option<&'a str> {
@@ -154,10 +169,14 @@ async fn run(
     let kv_dir = b.inner.kv_dir.clone();
     let what = format!("watch {prefix:?}");
     let mut resync = false;
+    let mut pending: Option<zk::WatchedEvent> = None;
     loop {
-        let ev = tokio::select! {
-            ev = watcher.changed() => ev,
-            _ = tx.closed() => return,
+        let ev = match pending.take() {
+            Some(ev) => ev,
+            None => tokio::select! {
+                ev = watcher.changed() => ev,
+                _ = tx.closed() => return,
+            },
         };
         match ev.event_type {
             zk::EventType::Session => match ev.session_state {
@@ -183,15 +202,16 @@ async fn run(
                         .filter(|k| !now.contains_key(*k))
                         .cloned()
                         .collect();
-                    for k in gone {
-                        if !offer(&tx, &mut known, &k, &None) {
-                            return;
-                        }
-                    }
-                    for (k, (_, st)) in &now {
-                        if !offer(&tx, &mut known, k, st) {
-                            return;
-                        }
+                    let mut batch: Vec<WatchEvent> = gone
+                        .iter()
+                        .filter_map(|k| event_for(&mut known, k, &None))
+                        .collect();
+                    batch.extend(
+                        now.iter()
+                            .filter_map(|(k, (_, st))| event_for(&mut known, k, st)),
+                    );
+                    if !deliver(&tx, batch) {
+                        return;
                     }
                 }
                 _ => {
@@ -203,27 +223,34 @@ async fn run(
                 }
             },
             _ => {
-                let Some(name) = key_of(&kv_dir, &ev.path) else {
-                    continue;
-                };
-                let Some(key) = decode_key(name) else {
-                    continue;
-                };
-                if !key.starts_with(&prefix) {
-                    continue;
-                }
-                let path = format!("{kv_dir}/{name}");
-                match retrying(&tx, || b.read_key(&path, &what)).await {
-                    None => return,
-                    Some(Ok(st)) => {
-                        if !offer(&tx, &mut known, &key, &st) {
-                            return;
+                // Read the key of each event, then deliver in revision
+                // order. One session carries the events and the reads'
+                // answers in order, so when a read returns revision R, the
+                // events of every write up to R are already queued: take
+                // them all (their keys may have older revisions than R)
+                // before delivering anything.
+                let mut batch = Vec::new();
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    if ev.event_type == zk::EventType::Session {
+                        pending = Some(ev);
+                        break;
+                    }
+                    if let Some((key, path)) = watched_key(&kv_dir, &prefix, &ev.path) {
+                        match retrying(&tx, || b.read_key(&path, &what)).await {
+                            None => return,
+                            Some(Ok(st)) => batch.extend(event_for(&mut known, &key, &st)),
+                            Some(Err(e)) => {
+                                let _ = deliver(&tx, batch);
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
                         }
                     }
-                    Some(Err(e)) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+                    next = watcher.changed().now_or_never();
+                }
+                if !deliver(&tx, batch) {
+                    return;
                 }
             }
         }
