@@ -52,7 +52,7 @@ use crate::keys;
 use async_trait::async_trait;
 use latchkey_core::lock::local::LocalQueues;
 use latchkey_core::{
-    hand_off, Error, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
+    Error, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -284,27 +284,7 @@ impl Locks {
                 .flags(LOCK_FLAG)
                 .session(sid.clone());
             let what = format!("acquiring lock {name:?}");
-            // If this call is dropped while the txn is in flight, Consul may
-            // still grant the lock: the answer then goes to clean_orphan.
-            let (client, me, orphan) = (
-                self.client.clone(),
-                self.me.clone(),
-                (key.clone(), sid.clone()),
-            );
-            let reply = hand_off(
-                async move { client.txn(&[op], &what).await },
-                move |r| async move {
-                    let granted = matches!(
-                        r,
-                        Ok(TxnReply::Committed(_)) | Err(Error::Indeterminate { .. })
-                    );
-                    if let (true, Some(l)) = (granted, me.upgrade()) {
-                        l.clean_orphan(orphan.0, orphan.1);
-                    }
-                },
-            )
-            .await?;
-            let reply = match reply {
+            let reply = match self.client.txn(&[op], &what).await {
                 Ok(r) => r,
                 Err(e) => {
                     if matches!(e, Error::Indeterminate { .. }) {

@@ -28,8 +28,8 @@ use etcd_client::{
 };
 use latchkey_core::lock::local::{LocalQueues, LocalTurn};
 use latchkey_core::{
-    hand_off, validate, CancelOnDrop, Error, GuardOps, LockEntry, LockGuard, LockOptions,
-    RenewOutcome, RenewalGroup, Renewer, Result,
+    validate, CancelOnDrop, Error, GuardOps, LockEntry, LockGuard, LockOptions, RenewOutcome,
+    RenewalGroup, Renewer, Result,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -175,21 +175,6 @@ impl Renewer for KeepAlive {
     }
 }
 
-/// Deletes lock entry `key` only if it is still the one created at
-/// revision `rev` (a later entry of the same lease is somebody's turn).
-/// Safe to repeat, so transient failures are retried.
-async fn delete_entry(sh: &Shared, key: &str, rev: i64) -> Result<()> {
-    let del = ETxn::new()
-        .when([ECompare::create_revision(key, CompareOp::Equal, rev)])
-        .and_then([TxnOp::delete(key, None)]);
-    sh.read(|mut c| {
-        let del = del.clone();
-        async move { c.txn(del).await }
-    })
-    .await
-    .map(drop)
-}
-
 type Slots = Arc<Mutex<HashMap<u64, Arc<Slot>>>>;
 
 /// The lock half of a handle.
@@ -305,14 +290,7 @@ impl Locks {
             let outcome = if wait {
                 self.acquire_waiting(&slot, &key, &dir).await
             } else {
-                self.handed_off(
-                    &slot,
-                    &key,
-                    &dir,
-                    |sh, lease, key, dir| async move { Self::acquire_now(&sh, lease, &key, &dir).await },
-                    |r| *r,
-                )
-                .await
+                self.acquire_now(&slot, &key, &dir).await
             };
             let my_rev = match outcome {
                 Ok(Some(r)) => r,
@@ -367,42 +345,9 @@ impl Locks {
         }
     }
 
-    /// Runs an acquire request ([`Self::acquire_now`] or [`Self::create`])
-    /// through [`hand_off`]: if the caller is dropped while it is in
-    /// flight, an entry it created is deleted once its answer arrives (the
-    /// caller's own cleanup, sent at drop time, may reach another member
-    /// first and find nothing yet).
-    async fn handed_off<T, F, Fut>(
-        &self,
-        slot: &Slot,
-        key: &str,
-        dir: &str,
-        req: F,
-        rev: fn(&T) -> Option<i64>,
-    ) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Shared>, i64, String, String) -> Fut,
-        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
-    {
-        let fut = req(
-            self.sh.clone(),
-            slot.st.lease,
-            key.to_string(),
-            dir.to_string(),
-        );
-        let (sh, key) = (self.sh.clone(), key.to_string());
-        hand_off(fut, move |r: Result<T>| async move {
-            if let Some(rev) = r.as_ref().ok().and_then(rev) {
-                let _ = delete_entry(&sh, &key, rev).await;
-            }
-        })
-        .await?
-    }
-
     /// try_lock: creates the entry only if the lock has no entry at all.
     /// `Ok(None)` when busy.
-    async fn acquire_now(sh: &Shared, lease: i64, key: &str, dir: &str) -> Result<Option<i64>> {
+    async fn acquire_now(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
         let owner = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
@@ -410,12 +355,17 @@ impl Locks {
             .with_keys_only();
         let txn = ETxn::new()
             .when([ECompare::create_revision(dir, CompareOp::Equal, 0).with_prefix()])
-            .and_then([TxnOp::put(key, "", Some(EPut::new().with_lease(lease)))])
+            .and_then([TxnOp::put(
+                key,
+                "",
+                Some(EPut::new().with_lease(slot.st.lease)),
+            )])
             .or_else([
                 TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(dir, Some(owner)),
             ]);
-        let resp = sh
+        let resp = self
+            .sh
             .read(|mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
@@ -433,7 +383,15 @@ impl Locks {
                 (Some(mine), Some(owner)) if mine == owner => Ok(Some(mine)),
                 // Busy, with an entry of ours from a lost answer: remove it.
                 (Some(mine), _) => {
-                    delete_entry(sh, key, mine).await?;
+                    let del = ETxn::new()
+                        .when([ECompare::create_revision(key, CompareOp::Equal, mine)])
+                        .and_then([TxnOp::delete(key, None)]);
+                    self.sh
+                        .read(|mut c| {
+                            let del = del.clone();
+                            async move { c.txn(del).await }
+                        })
+                        .await?;
                     Ok(None)
                 }
                 _ => Ok(None),
@@ -444,7 +402,7 @@ impl Locks {
     }
 
     /// The acquire txn; see the module docs.
-    async fn create(sh: &Shared, lease: i64, key: &str, dir: &str) -> Result<Acquired> {
+    async fn create(&self, slot: &Slot, key: &str, dir: &str) -> Result<Acquired> {
         let owner = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
@@ -458,7 +416,7 @@ impl Locks {
         let txn = ETxn::new()
             .when([ECompare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([
-                TxnOp::put(key, "", Some(EPut::new().with_lease(lease))),
+                TxnOp::put(key, "", Some(EPut::new().with_lease(slot.st.lease))),
                 TxnOp::get(dir, Some(owner.clone())),
                 TxnOp::get(dir, Some(last_two)),
             ])
@@ -471,7 +429,8 @@ impl Locks {
             let attempts = AtomicUsize::new(0);
             // Safe to repeat: a repeated txn finds our entry and takes it
             // (the else branch), exactly as a first answer would have.
-            let resp = sh
+            let resp = self
+                .sh
                 .read(|mut c| {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     let txn = txn.clone();
@@ -530,22 +489,22 @@ impl Locks {
             // A stale entry of this lease (a release that failed): nobody
             // holds it locally, so delete it and create a fresh one, with a
             // fresh (larger) token.
-            delete_entry(sh, key, mine).await?;
+            let del = ETxn::new()
+                .when([ECompare::create_revision(key, CompareOp::Equal, mine)])
+                .and_then([TxnOp::delete(key, None)]);
+            self.sh
+                .read(|mut c| {
+                    let del = del.clone();
+                    async move { c.txn(del).await }
+                })
+                .await?;
             stale_deleted = true;
         }
     }
 
     /// lock: creates the entry and waits until it is the oldest.
     async fn acquire_waiting(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
-        let a = self
-            .handed_off(
-                slot,
-                key,
-                dir,
-                |sh, lease, key, dir| async move { Self::create(&sh, lease, &key, &dir).await },
-                |a: &Acquired| Some(a.my_rev),
-            )
-            .await?;
+        let a = self.create(slot, key, dir).await?;
         let (my_rev, mut header) = (a.my_rev, a.header);
         // None: held; Some(empty): the predecessor is not known yet.
         let Some(p) = a.pred else {
@@ -682,7 +641,19 @@ impl GuardOps for Ops {
     async fn release(&self, entry: &LockEntry) -> Result<()> {
         // Only our own holding: the entry with our token. Repeating it is
         // harmless, so transient failures are retried.
-        delete_entry(&self.sh, &entry.id, entry.token as i64).await?;
+        let txn = ETxn::new()
+            .when([ECompare::create_revision(
+                entry.id.clone(),
+                CompareOp::Equal,
+                entry.token as i64,
+            )])
+            .and_then([TxnOp::delete(entry.id.clone(), None)]);
+        self.sh
+            .read(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         self.slot.group.remove(&entry.id);
         Ok(())
     }
