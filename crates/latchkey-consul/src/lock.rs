@@ -18,9 +18,11 @@
 //!   delete-and-recreate, unlike `LockIndex`).
 //! - **Wait**: blocking queries on the key (`?index=…&wait=…&consistent`),
 //!   woken by its change, never by polling. Waiters leave no server state,
-//!   so a cancelled `lock()` leaves nothing behind. After a refused acquire
-//!   on a key that looks free (another client's session lock-delay), it
-//!   retries after a short pause, as `api.Lock` does.
+//!   so a cancelled `lock()` leaves nothing behind. An acquire txn dropped
+//!   in flight runs on to its answer ([`InFlight`]); a grant nobody took is
+//!   deleted before the handle's next task for that name may start. After
+//!   a refused acquire on a key that looks free (another client's session
+//!   lock-delay), it retries after a short pause, as `api.Lock` does.
 //! - **Release**: one txn `[check-session, check-index(token), delete]`:
 //!   deletes the key only if this holding still has it.
 //! - **Lost**: the renewal deadline (core), a 404 on renewal, and a per-handle
@@ -50,9 +52,10 @@
 use crate::client::{Client, KvOp, TxnReply, Verb, NAME};
 use crate::keys;
 use async_trait::async_trait;
-use latchkey_core::lock::local::LocalQueues;
+use latchkey_core::lock::local::{LocalQueues, LocalTurn};
 use latchkey_core::{
-    Error, GuardOps, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
+    CancelOnDrop, Error, GuardOps, InFlight, LockEntry, LockGuard, RenewOutcome, RenewalGroup,
+    Renewer, Result,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,8 +274,8 @@ impl Locks {
         &self,
         name: &str,
         ttl: Duration,
-        turn: latchkey_core::lock::local::LocalTurn,
-    ) -> Result<std::result::Result<LockGuard, latchkey_core::lock::local::LocalTurn>> {
+        mut turn: LocalTurn,
+    ) -> Result<std::result::Result<LockGuard, LocalTurn>> {
         let key = self.key(name);
         for _ in 0..3 {
             let pending = self.slot(ttl).await?;
@@ -284,15 +287,45 @@ impl Locks {
                 .flags(LOCK_FLAG)
                 .session(sid.clone());
             let what = format!("acquiring lock {name:?}");
-            let reply = match self.client.txn(&[op], &what).await {
-                Ok(r) => r,
-                Err(e) => {
-                    if matches!(e, Error::Indeterminate { .. }) {
-                        self.clean_orphan(key.clone(), sid.clone());
-                    }
+            // Consul may grant the lock although this call is dropped (or
+            // loses the answer) while the txn is in flight. The cleanup
+            // waits for the txn's answer, gives back a holding that no guard
+            // took, and only then lets the handle's next task in: a `lock`
+            // op by our session on a key it already holds would succeed
+            // again with the same entry, so that task must not race it.
+            let requests = InFlight::new();
+            let turn_cell = Arc::new(Mutex::new(Some(turn)));
+            let cleanup = {
+                let (requests, cell) = (requests.clone(), turn_cell.clone());
+                let (client, me) = (self.client.clone(), self.me.clone());
+                let (key, sid) = (key.clone(), sid.clone());
+                CancelOnDrop::new(async move {
+                    requests.settled().await;
+                    clean_orphan(&client, &me, &key, &sid).await;
+                    take(&cell);
+                })
+            };
+            let answer = {
+                let client = self.client.clone();
+                requests
+                    .run(async move { client.txn(&[op], &what).await })
+                    .await
+            };
+            let reply = match answer {
+                Ok(Ok(r)) => r,
+                Ok(Err(e @ Error::Indeterminate { .. })) => {
+                    // Unknown outcome: clean up in the background (it holds
+                    // the turn until done).
+                    drop(cleanup);
+                    return Err(e);
+                }
+                Ok(Err(e)) | Err(e) => {
+                    cleanup.disarm();
                     return Err(e);
                 }
             };
+            cleanup.disarm();
+            turn = take(&turn_cell).expect("only the disarmed cleanup takes the turn");
             match reply {
                 TxnReply::Committed(entries) => {
                     let token = entries.first().map_or(0, |e| e.modify_index);
@@ -344,36 +377,6 @@ impl Locks {
             NAME,
             format!("acquiring lock {name:?}: the session kept disappearing"),
         ))
-    }
-
-    /// After an acquire whose outcome is unknown: if our session holds the
-    /// key without a guard, delete it, so it does not stay held while the
-    /// session lives.
-    fn clean_orphan(&self, key: String, sid: String) {
-        let client = self.client.clone();
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            let Ok((Some(e), _)) = client.kv_get(&key, true).await else {
-                return;
-            };
-            if e.holder() != Some(sid.as_str()) {
-                return;
-            }
-            let id = format!("{sid}:{}", e.modify_index);
-            if me.upgrade().is_some_and(|l| l.held().contains_key(&id)) {
-                return;
-            }
-            let _ = client
-                .txn(
-                    &[
-                        KvOp::new(Verb::CheckSession, key.clone()).session(sid),
-                        KvOp::new(Verb::CheckIndex, key.clone()).index(e.modify_index),
-                        KvOp::new(Verb::Delete, key),
-                    ],
-                    "cleaning up an unconfirmed lock acquisition",
-                )
-                .await;
-        });
     }
 
     /// Waits (blocking queries, no polling) until `name` is free and takes it.
@@ -509,6 +512,36 @@ impl Locks {
             }
         });
     }
+}
+
+fn take(cell: &Mutex<Option<LocalTurn>>) -> Option<LocalTurn> {
+    cell.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// After an acquire that nobody took (cancelled, or its answer lost): if
+/// our session holds the key without a guard, delete it, so it does not
+/// stay held while the session lives.
+async fn clean_orphan(client: &Client, me: &Weak<Locks>, key: &str, sid: &str) {
+    let Ok((Some(e), _)) = client.kv_get(key, true).await else {
+        return;
+    };
+    if e.holder() != Some(sid) {
+        return;
+    }
+    let id = format!("{sid}:{}", e.modify_index);
+    if me.upgrade().is_some_and(|l| l.held().contains_key(&id)) {
+        return;
+    }
+    let _ = client
+        .txn(
+            &[
+                KvOp::new(Verb::CheckSession, key.to_string()).session(sid.to_string()),
+                KvOp::new(Verb::CheckIndex, key.to_string()).index(e.modify_index),
+                KvOp::new(Verb::Delete, key.to_string()),
+            ],
+            "cleaning up an unclaimed lock acquisition",
+        )
+        .await;
 }
 
 /// Watches the namespace's lock subtree and fires `lost()` of every held

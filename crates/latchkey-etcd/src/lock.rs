@@ -17,6 +17,10 @@
 //!   100 ms catch-up tick), then re-reads.
 //! - `try_lock` = one txn: `if create_revision(every entry of the lock) == 0
 //!   then put(entry)`: a held lock costs one request and leaves nothing.
+//! - Cancelled `lock()`/`try_lock()`: the entry is deleted, after every txn
+//!   that may have created it has answered (they run on as [`InFlight`]
+//!   requests; a delete sent earlier could overtake one), and only then
+//!   may the handle's next local task for that name start.
 //! - Release = one txn: `if create_revision(entry) == token then delete`.
 
 use crate::conn::{classify, map_read, ttl_secs, Fault, Shared};
@@ -28,8 +32,8 @@ use etcd_client::{
 };
 use latchkey_core::lock::local::{LocalQueues, LocalTurn};
 use latchkey_core::{
-    validate, CancelOnDrop, Error, GuardOps, LockEntry, LockGuard, LockOptions, RenewOutcome,
-    RenewalGroup, Renewer, Result,
+    validate, CancelOnDrop, Error, GuardOps, InFlight, LockEntry, LockGuard, LockOptions,
+    RenewOutcome, RenewalGroup, Renewer, Result,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -260,6 +264,9 @@ impl Locks {
         };
         let dir = self.sh.layout.lock_dir(name);
         let turn_cell: Arc<Mutex<Option<LocalTurn>>> = Arc::new(Mutex::new(Some(turn)));
+        // The txns that may create our entry; the cleanup waits for their
+        // answers, since a delete sent while one is in flight may overtake it.
+        let requests = InFlight::new();
         loop {
             let slot = self.slot(opts.ttl).await?;
             let key = self.sh.layout.lock_entry(name, slot.st.lease);
@@ -281,16 +288,17 @@ impl Locks {
                 }
             };
             let cleanup = {
-                let (cell, delete) = (turn_cell.clone(), delete);
+                let (cell, delete, requests) = (turn_cell.clone(), delete, requests.clone());
                 CancelOnDrop::new(async move {
+                    requests.settled().await;
                     delete.await;
                     lock_mutex(&cell).take();
                 })
             };
             let outcome = if wait {
-                self.acquire_waiting(&slot, &key, &dir).await
+                self.acquire_waiting(&requests, &slot, &key, &dir).await
             } else {
-                self.acquire_now(&slot, &key, &dir).await
+                self.acquire_now(&requests, &slot, &key, &dir).await
             };
             let my_rev = match outcome {
                 Ok(Some(r)) => r,
@@ -347,7 +355,13 @@ impl Locks {
 
     /// try_lock: creates the entry only if the lock has no entry at all.
     /// `Ok(None)` when busy.
-    async fn acquire_now(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
+    async fn acquire_now(
+        &self,
+        requests: &InFlight,
+        slot: &Slot,
+        key: &str,
+        dir: &str,
+    ) -> Result<Option<i64>> {
         let owner = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
@@ -364,13 +378,7 @@ impl Locks {
                 TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(dir, Some(owner)),
             ]);
-        let resp = self
-            .sh
-            .read(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let resp = self.creating(requests, txn, Arc::default()).await?;
         if !resp.succeeded() {
             let ops = resp.op_responses();
             let first = |i: usize| match ops.get(i) {
@@ -402,7 +410,13 @@ impl Locks {
     }
 
     /// The acquire txn; see the module docs.
-    async fn create(&self, slot: &Slot, key: &str, dir: &str) -> Result<Acquired> {
+    async fn create(
+        &self,
+        requests: &InFlight,
+        slot: &Slot,
+        key: &str,
+        dir: &str,
+    ) -> Result<Acquired> {
         let owner = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
@@ -426,16 +440,11 @@ impl Locks {
             ]);
         let mut stale_deleted = false;
         loop {
-            let attempts = AtomicUsize::new(0);
+            let attempts = Arc::new(AtomicUsize::new(0));
             // Safe to repeat: a repeated txn finds our entry and takes it
             // (the else branch), exactly as a first answer would have.
             let resp = self
-                .sh
-                .read(|mut c| {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
+                .creating(requests, txn.clone(), attempts.clone())
                 .await?;
             let header = resp.header().map_or(0, |h| h.revision());
             let ops = resp.op_responses();
@@ -503,8 +512,14 @@ impl Locks {
     }
 
     /// lock: creates the entry and waits until it is the oldest.
-    async fn acquire_waiting(&self, slot: &Slot, key: &str, dir: &str) -> Result<Option<i64>> {
-        let a = self.create(slot, key, dir).await?;
+    async fn acquire_waiting(
+        &self,
+        requests: &InFlight,
+        slot: &Slot,
+        key: &str,
+        dir: &str,
+    ) -> Result<Option<i64>> {
+        let a = self.create(requests, slot, key, dir).await?;
         let (my_rev, mut header) = (a.my_rev, a.header);
         // None: held; Some(empty): the predecessor is not known yet.
         let Some(p) = a.pred else {
@@ -551,6 +566,27 @@ impl Locks {
                 Some(kv) => pred = Some(kv.key().to_vec()),
             }
         }
+    }
+
+    /// Runs a txn that may create our entry to its answer, even if the
+    /// caller is dropped meanwhile (see [`InFlight`]); counts its attempts.
+    async fn creating(
+        &self,
+        requests: &InFlight,
+        txn: ETxn,
+        attempts: Arc<AtomicUsize>,
+    ) -> Result<etcd_client::TxnResponse> {
+        let sh = self.sh.clone();
+        requests
+            .run(async move {
+                sh.read(|mut c| {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await
+            })
+            .await?
     }
 
     /// Waits for the deletion of `key` at or after revision `from`.

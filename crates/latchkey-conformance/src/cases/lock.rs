@@ -219,6 +219,67 @@ cases! {
         Ok(())
     }
 
+    /// Dropping a `lock()` or `try_lock()` future in the middle of its
+    /// request (while the server may be creating its entry) leaves nothing
+    /// behind either. 24 fresh handles (kept open, so their leases and
+    /// sessions live on, and none of them acquires again, which could tidy
+    /// up its own leftovers) each drop a `lock()` of a held lock, a
+    /// `try_lock()` of a free one and a `lock()` of another free one after
+    /// a random delay of up to two uncontended acquire+release times.
+    /// Afterwards a third handle gets all three locks within the wake
+    /// bound; an entry created after its cleanup ran would hold them for
+    /// the whole renewed (or 30 s) TTL.
+    #[case("lock::cancelled_mid_request_leaves_nothing")]
+    async fn cancelled_mid_request(cx: Cx) -> CaseResult {
+        use rand::{Rng, SeedableRng};
+        let (a, d) = (cx.open().await?, cx.open().await?);
+        let t = Instant::now();
+        ensure!(is_free(d.as_ref(), "calibrate", &cx.long_lock()).await?, "expected a fresh lock to be free");
+        let round = t.elapsed().max(Duration::from_micros(200));
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut delay = || Duration::from_micros(rng.random_range(0..=2 * round.as_micros() as u64));
+        let g = must_lock(a.as_ref(), "held", cx.long_lock()).await?;
+        let mut handles = Vec::new();
+        for i in 0..24 {
+            let c = cx.open().await?;
+            let dl = delay();
+            if let Ok(r) = tokio::time::timeout(dl, c.lock("held", cx.long_lock())).await {
+                return Err(Fail(format!("expected lock() {i} (cancelled after {dl:?}, seed {seed}) to wait while the lock is held, it returned {:?}", r.map(|g| g.fencing_token()))));
+            }
+            let dl = delay();
+            if let Ok(r) = tokio::time::timeout(dl, c.try_lock("free-try", cx.long_lock())).await {
+                if let Some(g) = r.ctx("try_lock a free lock")? {
+                    g.release().await.ctx("release")?;
+                }
+            }
+            let dl = delay();
+            if let Ok(g) = tokio::time::timeout(dl, c.lock("free-lock", cx.long_lock())).await {
+                g.ctx("lock a free lock")?.release().await.ctx("release")?;
+            }
+            // The same handle at once: its new holding must not be taken
+            // for the cancelled request's leftover and given back.
+            if i % 4 == 0 {
+                let dl = delay();
+                let _ = tokio::time::timeout(dl, c.lock("relock", cx.long_lock())).await;
+                let g = must_lock(c.as_ref(), "relock", cx.long_lock()).await?;
+                let out = d.txn(fenced_put(&g, "relock-fenced", &i.to_string())).await.ctx("a write fenced by the re-taken lock")?;
+                ensure!(out.succeeded, "expected the lock re-taken by handle {i} after a cancelled lock() (after {dl:?}, seed {seed}) to be held by it");
+                ensure!(d.try_lock("relock", cx.long_lock()).await.ctx("try_lock")?.is_none(), "expected a lock re-taken after a cancelled lock() (after {dl:?}, seed {seed}) to stay held");
+                g.release().await.ctx("release")?;
+            }
+            handles.push(c);
+        }
+        g.release().await.ctx("release")?;
+        for name in ["held", "free-try", "free-lock", "relock"] {
+            let g = d.lock(name, cx.long_lock().with_wait(cx.wake_bound() * 2)).await
+                .ctx(format!("lock {name:?} by another handle after 24 cancelled requests on it (seed {seed}, delays up to {:?}): an orphan entry would block it", 2 * round))?;
+            g.release().await.ctx("release")?;
+        }
+        drop(handles);
+        Ok(())
+    }
+
     /// Fencing tokens strictly increase across 100 successive holders
     /// (three handles taking turns, and the same handle re-locking).
     #[case("lock::tokens_increase_100_holders")]

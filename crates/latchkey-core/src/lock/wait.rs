@@ -50,11 +50,17 @@ impl CancelOnDrop {
             .unwrap_or_else(|p| p.into_inner())
             .take()
     }
-    /// Runs the cleanup now and waits for it.
+    /// Runs the cleanup now and waits for it. It runs on its own task, so
+    /// dropping this call's future does not cut it short.
     pub async fn run_now(self) {
         let cleanup = self.take();
         if let Some(c) = cleanup {
-            c.await;
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let _ = rt.spawn(c).await;
+                }
+                Err(_) => c.await,
+            }
         }
     }
 }
@@ -68,6 +74,81 @@ impl Drop for CancelOnDrop {
                 tracing::warn!("a cancelled lock wait could not clean up: no tokio runtime");
             }
         }
+    }
+}
+
+/// The requests of one acquisition that may still change server state.
+///
+/// Dropping a request future mid-flight does not stop the server from
+/// applying it, and a cleanup sent at drop time may overtake it (another
+/// connection, another member, a retry still under way). An adapter runs
+/// each such request through [`InFlight::run`], which carries it to its
+/// answer on its own task, and has its [`CancelOnDrop`] cleanup await
+/// [`InFlight::settled`] first: the cleanup then sees whatever the
+/// requests did. Holding the handle's local turn until the cleanup is done
+/// keeps the handle's next task from meeting the leftover.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use latchkey_core::InFlight;
+/// let requests = InFlight::new();
+/// let answer = requests.run(async { 7 }).await.unwrap();
+/// assert_eq!(answer, 7);
+/// requests.settled().await; // nothing is in flight any more
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    count: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InFlight {
+    /// No request in flight.
+    pub fn new() -> Self {
+        InFlight {
+            count: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+
+    /// Runs `request` to its answer on its own task, even if this call is
+    /// dropped meanwhile, and returns the answer.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] (backend `latchkey`) if the request panicked
+    /// or the runtime is shutting down.
+    pub async fn run<T, R>(&self, request: R) -> Result<T>
+    where
+        T: Send + 'static,
+        R: Future<Output = T> + Send + 'static,
+    {
+        /// Counts the request as settled however its task ends.
+        struct Done(std::sync::Arc<tokio::sync::watch::Sender<usize>>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n = n.saturating_sub(1));
+            }
+        }
+        self.count.send_modify(|n| *n += 1);
+        let done = Done(self.count.clone());
+        let task = tokio::spawn(async move {
+            let _done = done;
+            request.await
+        });
+        task.await.map_err(|_| {
+            Error::unavailable("latchkey", "a lock request's task ended without an answer")
+        })
+    }
+
+    /// Waits until no request started by [`run`](Self::run) is in flight.
+    pub async fn settled(&self) {
+        let mut rx = self.count.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 }
 
@@ -149,6 +230,58 @@ mod tests {
         CancelOnDrop::new(async move { r3.store(true, Ordering::SeqCst) }).disarm();
         tokio::task::yield_now().await;
         assert!(!r2.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn in_flight_requests_outlive_their_caller_and_settle_after() {
+        let requests = InFlight::new();
+        let (ans_tx, ans_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<u32>();
+        let r = requests.clone();
+        let caller = tokio::spawn(async move {
+            r.run(async move {
+                let v = ans_rx.await.unwrap_or(0);
+                let _ = seen_tx.send(v);
+                v
+            })
+            .await
+        });
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // The caller is gone but the request is not: settled() waits for it.
+        let settled = tokio::spawn({
+            let r = requests.clone();
+            async move { r.settled().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !settled.is_finished(),
+            "settled before the request answered"
+        );
+        ans_tx.send(9).unwrap();
+        assert_eq!(seen_rx.await.unwrap(), 9, "the request ran to its answer");
+        settled.await.unwrap();
+        // A panicking request is an error, and settles too.
+        let err = requests.run(async { panic!("boom") }).await;
+        assert!(matches!(err, Err::<(), _>(Error::Unavailable { .. })));
+        requests.settled().await;
+    }
+
+    #[tokio::test]
+    async fn run_now_finishes_even_if_its_caller_is_dropped() {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let c = CancelOnDrop::new(async move {
+            let _ = go_rx.await;
+            let _ = done_tx.send(());
+        });
+        let caller = tokio::spawn(c.run_now());
+        tokio::task::yield_now().await;
+        caller.abort();
+        let _ = caller.await;
+        go_tx.send(()).unwrap();
+        done_rx.await.expect("the cleanup ran to its end");
     }
 
     #[tokio::test]
