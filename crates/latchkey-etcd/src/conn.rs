@@ -249,6 +249,19 @@ impl Shared {
         .await
     }
 
+    /// Runs a txn that is safe to repeat (its compares make a second run a
+    /// no-op, or it only reads), as [`read`](Self::read) does.
+    pub(crate) async fn txn_repeatable(
+        &self,
+        txn: &etcd_client::Txn,
+    ) -> Result<etcd_client::TxnResponse> {
+        self.read(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
     /// Runs a write: retried only when it surely never reached a server;
     /// an ambiguous failure is [`Error::Indeterminate`].
     pub(crate) async fn write<T, F, Fut>(&self, op: &str, f: F) -> Result<T>

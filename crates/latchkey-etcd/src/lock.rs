@@ -394,12 +394,7 @@ impl Locks {
                     let del = ETxn::new()
                         .when([ECompare::create_revision(key, CompareOp::Equal, mine)])
                         .and_then([TxnOp::delete(key, None)]);
-                    self.sh
-                        .read(|mut c| {
-                            let del = del.clone();
-                            async move { c.txn(del).await }
-                        })
-                        .await?;
+                    self.sh.txn_repeatable(&del).await?;
                     Ok(None)
                 }
                 _ => Ok(None),
@@ -501,12 +496,7 @@ impl Locks {
             let del = ETxn::new()
                 .when([ECompare::create_revision(key, CompareOp::Equal, mine)])
                 .and_then([TxnOp::delete(key, None)]);
-            self.sh
-                .read(|mut c| {
-                    let del = del.clone();
-                    async move { c.txn(del).await }
-                })
-                .await?;
+            self.sh.txn_repeatable(&del).await?;
             stale_deleted = true;
         }
     }
@@ -543,13 +533,7 @@ impl Locks {
                 TxnOp::get(dir, Some(before)),
                 TxnOp::get(key, Some(GetOptions::new().with_keys_only())),
             ]);
-            let resp = self
-                .sh
-                .read(|mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
+            let resp = self.sh.txn_repeatable(&txn).await?;
             header = resp.header().map_or(0, |h| h.revision());
             let ops = resp.op_responses();
             let first = |i: usize| match ops.get(i) {
@@ -684,12 +668,7 @@ impl GuardOps for Ops {
                 entry.token as i64,
             )])
             .and_then([TxnOp::delete(entry.id.clone(), None)]);
-        self.sh
-            .read(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        self.sh.txn_repeatable(&txn).await?;
         self.slot.group.remove(&entry.id);
         Ok(())
     }
@@ -729,12 +708,7 @@ impl GuardOps for Ops {
                     "",
                     Some(EPut::new().with_lease(lease)),
                 )]);
-            let _ = sh
-                .read(|mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await;
+            let _ = sh.txn_repeatable(&txn).await;
         });
     }
 }
