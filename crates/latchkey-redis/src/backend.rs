@@ -142,7 +142,12 @@ impl RedisBackend {
             .await?;
         Ok(RedisBackend {
             shared: Arc::new(Shared {
-                notifier: Notifier::new(cfg.target.clone(), cfg.timeout, conn.ops().clone()),
+                notifier: Notifier::new(
+                    cfg.target.clone(),
+                    layout.rev(),
+                    cfg.timeout,
+                    conn.ops().clone(),
+                ),
                 conn,
                 layout,
                 history: cfg.history,
