@@ -8,7 +8,7 @@
 //! | [`elect`] | `latchkey elect NAME -- CMD…` |
 //! | [`kv`] | `latchkey kv get|put|del|ls|watch` |
 //! | [`check`] | `latchkey check`: the non-destructive conformance cases against a live deployment |
-//! | [`bench`] | `latchkey bench --workload W1|W2|W3` |
+//! | [`bench`](mod@bench) | `latchkey bench --workload W1|W2|W3` |
 //! | [`exit`] | exit codes |
 
 mod args;

@@ -36,7 +36,7 @@ pub use lock::{
     guard::{GuardOps, LockEntry, LockGuard},
     lost::{LostSignal, LostTrigger},
     renew::{RenewOutcome, RenewalGroup, Renewer},
-    wait::{hand_off, with_wait, CancelOnDrop, InFlight},
+    wait::{with_wait, CancelOnDrop, InFlight},
 };
 pub use registry::{Connector, Registry};
 pub use traits::{Backend, DistributedLock, KvStore, Txn, WatchStream};

@@ -27,14 +27,14 @@
 //! writes should be fenced with [`WriteGuard::fence`].
 
 use crate::util::{
-    delete_if_value, lock_lost, publish_owned_record, txn_delete_if_value, txn_fenced_delete,
-    txn_or_undo, unique_id,
+    lock_lost, publish_owned_record, txn_delete_if_value, txn_fenced_delete, txn_undoable,
+    unique_id,
 };
 use bytes::Bytes;
 use futures::StreamExt;
 use latchkey_core::{
-    validate, with_wait, Backend, CancelOnDrop, Compare, LockEntry, LockGuard, LockOptions, Op,
-    Result, TxnRequest, WatchStream,
+    validate, with_wait, Backend, Compare, LockEntry, LockGuard, LockOptions, Op, Result,
+    TxnRequest, WatchStream,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,7 +83,7 @@ impl RwLock {
         self
     }
 
-    /// Bounds how long `read`/`write` wait ([`Error::Timeout`]).
+    /// Bounds how long `read`/`write` wait ([`latchkey_core::Error::Timeout`]).
     pub fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self
@@ -164,12 +164,7 @@ impl RwLock {
         loop {
             // Watch first, so a release between the txn and the wait is seen.
             let mut watch = self.backend.watch(&writer_key, None).await?;
-            let cleanup = CancelOnDrop::new(delete_if_value(
-                self.backend.clone(),
-                key.clone(),
-                value.clone(),
-            ));
-            let out = txn_or_undo(
+            let (out, cleanup) = txn_undoable(
                 &self.backend,
                 TxnRequest::new()
                     .when([Compare::absent(&writer_key), Compare::held(&guard)])

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use latchkey_core::{
-    hand_off, Backend, CancelOnDrop, Compare, Error, LockGuard, LostTrigger, Op, Result, TxnRequest,
+    Backend, CancelOnDrop, Compare, Error, InFlight, LockGuard, LostTrigger, Op, Result, TxnRequest,
 };
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,12 +119,7 @@ pub(crate) async fn publish_owned_record(
     record: Bytes,
     ttl: Option<Duration>,
 ) -> Result<CancelOnDrop> {
-    let cleanup = CancelOnDrop::new(delete_if_value(
-        backend.clone(),
-        key.to_string(),
-        record.clone(),
-    ));
-    let out = txn_or_undo(
+    let (out, cleanup) = txn_undoable(
         backend,
         txn_fenced_put(guard, key, record.clone(), ttl),
         key,
@@ -139,26 +134,30 @@ pub(crate) async fn publish_owned_record(
     Ok(cleanup)
 }
 
-/// Runs `txn`, which writes `record` at `key` when it succeeds, to the end
-/// even if the caller is dropped meanwhile; a record written for a caller
-/// that is gone by then is deleted again (if it is still this one). The
-/// callers' drop-time cleanups cannot do that alone: they may reach the
-/// server before the txn does.
-pub(crate) async fn txn_or_undo(
+/// Runs `txn`, which writes `record` at `key` when it succeeds, and returns
+/// its outcome with an armed cleanup that deletes the record again (if it
+/// is still this one): disarm it once the record is owned, or when the txn
+/// did not write. The txn runs to its answer even if the caller is dropped
+/// meanwhile, and the cleanup waits for that answer, since a delete sent
+/// earlier could reach the server first. On an error (which may still
+/// have written the record) the cleanup runs at once.
+pub(crate) async fn txn_undoable(
     backend: &Arc<dyn Backend>,
     txn: TxnRequest,
     key: &str,
     record: Bytes,
-) -> Result<latchkey_core::TxnOutcome> {
-    let (b, undo) = (backend.clone(), backend.clone());
-    let key = key.to_string();
-    hand_off(async move { b.txn(txn).await }, move |out| async move {
-        // An error may still have written it.
-        if out.map_or(true, |o| o.succeeded) {
-            delete_if_value(undo, key, record).await;
-        }
-    })
-    .await?
+) -> Result<(latchkey_core::TxnOutcome, CancelOnDrop)> {
+    let requests = InFlight::new();
+    let cleanup = {
+        let (requests, b, key) = (requests.clone(), backend.clone(), key.to_string());
+        CancelOnDrop::new(async move {
+            requests.settled().await;
+            delete_if_value(b, key, record).await;
+        })
+    };
+    let b = backend.clone();
+    let out = requests.run(async move { b.txn(txn).await }).await??;
+    Ok((out, cleanup))
 }
 
 /// [`Error::LockLost`] for the recipe's lock `name`.

@@ -152,51 +152,6 @@ impl InFlight {
     }
 }
 
-/// Runs `request` — one that may create server state, such as an acquire —
-/// to completion even if the caller is dropped while it is in flight, and
-/// hands its result to the caller; if the caller is gone by then, the
-/// result goes to `orphaned` instead, which gives back whatever the server
-/// granted to nobody.
-///
-/// Dropping a request future mid-flight does not stop the server from
-/// applying it, and a cleanup sent at drop time may overtake the request
-/// (another connection, another member): only a cleanup that starts after
-/// the answer arrived is sure to see what the request did.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use latchkey_core::hand_off;
-/// let granted = hand_off(async { 7 }, |token| async move {
-///     // Nobody took `token`: release it on the server here.
-///     let _ = token;
-/// })
-/// .await
-/// .unwrap();
-/// assert_eq!(granted, 7);
-/// # }
-/// ```
-///
-/// # Errors
-/// [`Error::Unavailable`] (backend `latchkey`) if the request panicked or
-/// the runtime is shutting down.
-pub async fn hand_off<T, R, O, OF>(request: R, orphaned: O) -> Result<T>
-where
-    T: Send + 'static,
-    R: Future<Output = T> + Send + 'static,
-    O: FnOnce(T) -> OF + Send + 'static,
-    OF: Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        if let Err(unclaimed) = tx.send(request.await) {
-            orphaned(unclaimed).await;
-        }
-    });
-    rx.await.map_err(|_| {
-        Error::unavailable("latchkey", "a lock request's task ended without an answer")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,29 +237,5 @@ mod tests {
         let _ = caller.await;
         go_tx.send(()).unwrap();
         done_rx.await.expect("the cleanup ran to its end");
-    }
-
-    #[tokio::test]
-    async fn hand_off_gives_an_unclaimed_answer_to_orphaned_only() {
-        let (ans_tx, ans_rx) = tokio::sync::oneshot::channel::<u32>();
-        let (orph_tx, orph_rx) = tokio::sync::oneshot::channel::<u32>();
-        let caller = tokio::spawn(hand_off(
-            async move { ans_rx.await.unwrap_or(0) },
-            move |v| async move {
-                let _ = orph_tx.send(v);
-            },
-        ));
-        tokio::task::yield_now().await;
-        // The caller gives up while the request is in flight...
-        caller.abort();
-        assert!(caller.await.unwrap_err().is_cancelled());
-        // ...and the answer that arrives afterwards is not lost.
-        ans_tx.send(7).unwrap();
-        assert_eq!(orph_rx.await.unwrap(), 7);
-
-        let claimed = hand_off(async { 5 }, |_| async {
-            panic!("claimed answers are not orphaned")
-        });
-        assert_eq!(claimed.await.unwrap(), 5);
     }
 }
