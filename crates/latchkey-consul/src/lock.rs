@@ -52,10 +52,9 @@
 use crate::client::{Client, KvOp, TxnReply, Verb, NAME};
 use crate::keys;
 use async_trait::async_trait;
-use latchkey_core::lock::local::{LocalQueues, LocalTurn};
+use latchkey_core::lock::local::{LocalQueues, LocalTurn, SharedTurn};
 use latchkey_core::{
-    CancelOnDrop, Error, GuardOps, InFlight, LockEntry, LockGuard, RenewOutcome, RenewalGroup,
-    Renewer, Result,
+    Error, GuardOps, InFlight, LockEntry, LockGuard, RenewOutcome, RenewalGroup, Renewer, Result,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -294,17 +293,16 @@ impl Locks {
             // op by our session on a key it already holds would succeed
             // again with the same entry, so that task must not race it.
             let requests = InFlight::new();
-            let turn_cell = Arc::new(Mutex::new(Some(turn)));
-            let cleanup = {
-                let (requests, cell) = (requests.clone(), turn_cell.clone());
-                let (client, me) = (self.client.clone(), self.me.clone());
-                let (key, sid) = (key.clone(), sid.clone());
-                CancelOnDrop::new(async move {
-                    requests.settled().await;
-                    clean_orphan(&client, &me, &key, &sid).await;
-                    take(&cell);
-                })
-            };
+            let shared_turn = SharedTurn::new(turn);
+            let cleanup = requests.undo_on_drop(
+                clean_orphan(
+                    self.client.clone(),
+                    self.me.clone(),
+                    key.clone(),
+                    sid.clone(),
+                ),
+                Some(&shared_turn),
+            );
             let answer = {
                 let client = self.client.clone();
                 requests
@@ -325,7 +323,9 @@ impl Locks {
                 }
             };
             cleanup.disarm();
-            turn = take(&turn_cell).expect("only the disarmed cleanup takes the turn");
+            turn = shared_turn
+                .take()
+                .expect("only the disarmed cleanup takes the turn");
             match reply {
                 TxnReply::Committed(entries) => {
                     let token = entries.first().map_or(0, |e| e.modify_index);
@@ -514,18 +514,14 @@ impl Locks {
     }
 }
 
-fn take(cell: &Mutex<Option<LocalTurn>>) -> Option<LocalTurn> {
-    cell.lock().unwrap_or_else(|p| p.into_inner()).take()
-}
-
 /// After an acquire that nobody took (cancelled, or its answer lost): if
 /// our session holds the key without a guard, delete it, so it does not
 /// stay held while the session lives.
-async fn clean_orphan(client: &Client, me: &Weak<Locks>, key: &str, sid: &str) {
-    let Ok((Some(e), _)) = client.kv_get(key, true).await else {
+async fn clean_orphan(client: Client, me: Weak<Locks>, key: String, sid: String) {
+    let Ok((Some(e), _)) = client.kv_get(&key, true).await else {
         return;
     };
-    if e.holder() != Some(sid) {
+    if e.holder() != Some(sid.as_str()) {
         return;
     }
     let id = format!("{sid}:{}", e.modify_index);
@@ -535,9 +531,9 @@ async fn clean_orphan(client: &Client, me: &Weak<Locks>, key: &str, sid: &str) {
     let _ = client
         .txn(
             &[
-                KvOp::new(Verb::CheckSession, key.to_string()).session(sid.to_string()),
-                KvOp::new(Verb::CheckIndex, key.to_string()).index(e.modify_index),
-                KvOp::new(Verb::Delete, key.to_string()),
+                KvOp::new(Verb::CheckSession, key.clone()).session(sid),
+                KvOp::new(Verb::CheckIndex, key.clone()).index(e.modify_index),
+                KvOp::new(Verb::Delete, key),
             ],
             "cleaning up an unclaimed lock acquisition",
         )

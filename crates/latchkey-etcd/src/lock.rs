@@ -30,10 +30,10 @@ use etcd_client::{
     PutOptions as EPut, SortOrder, SortTarget, Txn as ETxn, TxnOp, TxnOpResponse, WatchFilterType,
     WatchOptions,
 };
-use latchkey_core::lock::local::{LocalQueues, LocalTurn};
+use latchkey_core::lock::local::{LocalQueues, SharedTurn};
 use latchkey_core::{
-    validate, CancelOnDrop, Error, GuardOps, InFlight, LockEntry, LockGuard, LockOptions,
-    RenewOutcome, RenewalGroup, Renewer, Result,
+    validate, Error, GuardOps, InFlight, LockEntry, LockGuard, LockOptions, RenewOutcome,
+    RenewalGroup, Renewer, Result,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -263,7 +263,7 @@ impl Locks {
             }
         };
         let dir = self.sh.layout.lock_dir(name);
-        let turn_cell: Arc<Mutex<Option<LocalTurn>>> = Arc::new(Mutex::new(Some(turn)));
+        let shared_turn = SharedTurn::new(turn);
         // The txns that may create our entry; the cleanup waits for their
         // answers, since a delete sent while one is in flight may overtake it.
         let requests = InFlight::new();
@@ -287,14 +287,7 @@ impl Locks {
                     }
                 }
             };
-            let cleanup = {
-                let (cell, delete, requests) = (turn_cell.clone(), delete, requests.clone());
-                CancelOnDrop::new(async move {
-                    requests.settled().await;
-                    delete.await;
-                    lock_mutex(&cell).take();
-                })
-            };
+            let cleanup = requests.undo_on_drop(delete, Some(&shared_turn));
             let outcome = if wait {
                 self.acquire_waiting(&requests, &slot, &key, &dir).await
             } else {
@@ -304,7 +297,7 @@ impl Locks {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     // Busy: try_lock created nothing.
-                    lock_mutex(&turn_cell).take();
+                    shared_turn.take();
                     cleanup.disarm();
                     return Ok(None);
                 }
@@ -341,7 +334,7 @@ impl Locks {
                 cleanup.disarm();
                 continue;
             }
-            let turn = lock_mutex(&turn_cell).take();
+            let turn = shared_turn.take();
             cleanup.disarm();
             let ops = Arc::new(Ops {
                 sh: self.sh.clone(),

@@ -148,13 +148,10 @@ pub(crate) async fn txn_undoable(
     record: Bytes,
 ) -> Result<(latchkey_core::TxnOutcome, CancelOnDrop)> {
     let requests = InFlight::new();
-    let cleanup = {
-        let (requests, b, key) = (requests.clone(), backend.clone(), key.to_string());
-        CancelOnDrop::new(async move {
-            requests.settled().await;
-            delete_if_value(b, key, record).await;
-        })
-    };
+    let cleanup = requests.undo_on_drop(
+        delete_if_value(backend.clone(), key.to_string(), record),
+        None,
+    );
     let b = backend.clone();
     let out = requests.run(async move { b.txn(txn).await }).await??;
     Ok((out, cleanup))

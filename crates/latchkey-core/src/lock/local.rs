@@ -32,6 +32,25 @@ pub struct LocalTurn {
     _guard: OwnedMutexGuard<()>,
 }
 
+/// A [`LocalTurn`] that a cleanup can keep until it is done: the acquiring
+/// call takes it back when it succeeds, a cancelled call's cleanup drops it
+/// only after undoing what the call left on the server, so the handle's
+/// next task never meets that leftover.
+#[derive(Clone, Debug)]
+pub struct SharedTurn(Arc<Mutex<Option<LocalTurn>>>);
+
+impl SharedTurn {
+    /// Shares `turn`.
+    pub fn new(turn: LocalTurn) -> Self {
+        SharedTurn(Arc::new(Mutex::new(Some(turn))))
+    }
+
+    /// Takes the turn out, if nobody took it yet.
+    pub fn take(&self) -> Option<LocalTurn> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl LocalQueues {
     /// Empty queues.
     pub fn new() -> Self {
@@ -76,6 +95,20 @@ mod tests {
         assert!(q.try_turn("x").is_none());
         assert!(q.try_turn("y").is_some());
         drop(a);
+        assert!(q.try_turn("x").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_shared_turn_is_held_until_taken_and_dropped() {
+        let q = LocalQueues::new();
+        let shared = SharedTurn::new(q.turn("x").await);
+        let kept = shared.clone();
+        drop(shared);
+        assert!(q.try_turn("x").is_none(), "a clone still holds the turn");
+        let t = kept.take().expect("the turn");
+        assert!(kept.take().is_none(), "taken once");
+        assert!(q.try_turn("x").is_none());
+        drop(t);
         assert!(q.try_turn("x").is_some());
     }
 }

@@ -145,6 +145,22 @@ impl InFlight {
         })
     }
 
+    /// The cleanup of an acquisition whose requests run here: should it be
+    /// dropped while armed, it waits until every request has answered,
+    /// runs `undo`, and only then gives up `turn` (if any).
+    pub fn undo_on_drop(
+        &self,
+        undo: impl Future<Output = ()> + Send + 'static,
+        turn: Option<&crate::lock::local::SharedTurn>,
+    ) -> CancelOnDrop {
+        let (requests, turn) = (self.clone(), turn.cloned());
+        CancelOnDrop::new(async move {
+            requests.settled().await;
+            undo.await;
+            drop(turn.and_then(|t| t.take()));
+        })
+    }
+
     /// Waits until no request started by [`run`](Self::run) is in flight.
     pub async fn settled(&self) {
         let mut rx = self.count.subscribe();
@@ -221,6 +237,55 @@ mod tests {
         let err = requests.run(async { panic!("boom") }).await;
         assert!(matches!(err, Err::<(), _>(Error::Unavailable { .. })));
         requests.settled().await;
+    }
+
+    #[tokio::test]
+    async fn undo_waits_for_the_requests_and_gives_up_the_turn_last() {
+        use crate::lock::local::{LocalQueues, SharedTurn};
+        let q = Arc::new(LocalQueues::new());
+        let turn = SharedTurn::new(q.turn("x").await);
+        let requests = InFlight::new();
+        let (ans_tx, ans_rx) = tokio::sync::oneshot::channel::<()>();
+        let (undone_tx, undone_rx) = tokio::sync::oneshot::channel::<(bool, bool)>();
+        let answered = Arc::new(AtomicBool::new(false));
+        let caller = tokio::spawn({
+            let (requests, answered) = (requests.clone(), answered.clone());
+            async move {
+                requests
+                    .run(async move {
+                        let ok = ans_rx.await.is_ok();
+                        answered.store(true, Ordering::SeqCst);
+                        ok
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let q2 = q.clone();
+        let cleanup = requests.undo_on_drop(
+            async move {
+                // The request has answered, and the turn is still held.
+                let _ =
+                    undone_tx.send((answered.load(Ordering::SeqCst), q2.try_turn("x").is_none()));
+            },
+            Some(&turn),
+        );
+        drop(turn);
+        drop(cleanup);
+        tokio::task::yield_now().await;
+        assert!(
+            q.try_turn("x").is_none(),
+            "the turn was given up before the undo"
+        );
+        ans_tx.send(()).unwrap();
+        assert!(caller.await.unwrap().unwrap(), "the request answered");
+        let (after_answer, turn_held) = undone_rx.await.unwrap();
+        assert!(after_answer, "the undo ran before the request answered");
+        assert!(turn_held, "the undo ran after the turn was given up");
+        // Then the turn is free.
+        let _next = tokio::time::timeout(Duration::from_secs(5), q.turn("x"))
+            .await
+            .expect("the turn is given up after the undo");
     }
 
     #[tokio::test]
